@@ -1,0 +1,1 @@
+"""Client-side defenses (Flower client mods and wrappers of local training)."""

@@ -1,0 +1,3 @@
+from fl_sim.cli import main
+
+main()

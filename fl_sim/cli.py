@@ -1,0 +1,62 @@
+"""``fl-sim [hydra overrides]`` and ``python -m fl_sim``: one Hydra app around ``fl_sim.runner.run``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import fl_sim._quiet  # noqa: F401
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from fl_sim.config import ConfigError, register_configs
+
+log = logging.getLogger("fl_sim")
+register_configs()
+
+
+def _print_rounds(summary: dict) -> None:
+    rows = summary["rounds"]
+    print(f"\n{'round':>5} {'clients':>7} {'train loss':>10} {'test loss':>9} {'test acc':>8} {'seconds':>7}")
+    for e in rows:
+        tl = f"{e['train_loss']:.4f}" if e.get("train_loss") is not None else "n/a"
+        print(f"{e['round']:>5} {len(e['clients']):>7} {tl:>10} {e['test_loss']:>9.4f} "
+              f"{e['test_accuracy']:>8.4f} {e['seconds']:>7.1f}")
+    t = summary["timing"]
+    print(f"\ntotal {t['total_seconds']:.1f} s (simulation {t['simulation_seconds']:.1f} s)")
+
+
+@hydra.main(config_path="pkg://fl_sim.conf", config_name="config", version_base="1.3")
+def _app(cfg: DictConfig) -> None:
+    from fl_sim.runner import _one_line, run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        summary = run(cfg, run_dir)
+    except ConfigError as e:
+        print(f"fl-sim: error: {e}", file=sys.stderr)
+        if not sweeping:
+            sys.exit(2)
+        return
+    except Exception as e:  # noqa: BLE001 - one line on the console, the traceback in the run dir
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        print(f"fl-sim: error: the run failed: {_one_line(e)}\n"
+              f"fl-sim: traceback in {run_dir / 'error.log'}; summary.json has status 'failed'", file=sys.stderr)
+        if not sweeping:
+            sys.exit(1)
+        return
+    _print_rounds(summary)
+    print(f"run directory: {run_dir.resolve()}")
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()

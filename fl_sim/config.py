@@ -1,0 +1,212 @@
+"""Config schema (Hydra structured configs) and the checks Hydra cannot make.
+
+Hydra checks key names and types against these dataclasses (a wrong key or a
+value of the wrong type is refused when the config is composed). ``validate``
+checks what depends on values: ranges, and combinations of groups.
+Only ``fl_sim`` sees this config; attacks and defenses receive typed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message says which key and how to fix it."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # user data: folder or file, per dataset
+    hf_name: Optional[str] = None  # huggingface: hub name or local path
+    hf_split: str = "train"
+    image_key: str = "image"
+    label_key: str = "label"
+    test_fraction: float = 0.2  # held out for central evaluation
+    max_examples: Optional[int] = None  # keep the first N (after shuffling) if set
+    normalize: bool = True  # per-channel mean/std of the training split
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    width: int = 64
+    hidden: List[int] = field(default_factory=lambda: [200, 200])
+    activation: str = "relu"
+
+
+@dataclass
+class PartitionConfig:
+    name: str = MISSING
+    alpha: float = 0.5  # dirichlet concentration
+    classes_per_client: int = 2  # pathological
+    min_partition_size: int = 1  # dirichlet resamples until every client has this many
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+    fraction_train: float = 1.0
+    min_train_clients: int = 1
+    proximal_mu: float = 0.0  # fedprox
+    eta: float = 0.1  # fedadam / fedyogi server lr
+    eta_l: float = 0.1
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    server_learning_rate: float = 1.0  # fedavgm
+    server_momentum: float = 0.0
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    num_malicious_clients: int = 0  # krum
+    num_clients_to_keep: int = 0  # krum (0: plain Krum, one client)
+
+
+@dataclass
+class ScenarioConfig:
+    name: str = "federated"
+    mode: Optional[str] = None
+    cut_layer: Optional[str] = None
+
+
+@dataclass
+class AttackConfig:
+    name: str = "none"
+    target_clients: List[int] = field(default_factory=list)
+    rounds: List[int] = field(default_factory=list)
+    iterations: int = 0
+    restarts: int = 1
+
+
+@dataclass
+class DefenseConfig:
+    name: str = "none"
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ClientResources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class BackendConfig:
+    client_resources: ClientResources = field(default_factory=ClientResources)
+    ray_address: Optional[str] = None  # join an existing Ray cluster ("auto", "ip:port")
+    num_cpus: Optional[int] = None  # CPUs a local Ray instance may use (default: all)
+    num_gpus: Optional[int] = None
+
+
+@dataclass
+class ClientConfig:
+    batch_size: int = 32
+    local_epochs: int = 1
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    partition: PartitionConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    num_clients: int = 10
+    num_rounds: int = 3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 512
+    round_timeout: float = 3600.0
+    verbose: bool = False
+    report: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [
+        ("dataset", DatasetConfig),
+        ("model", ModelConfig),
+        ("partition", PartitionConfig),
+        ("strategy", StrategyConfig),
+        ("scenario", ScenarioConfig),
+        ("attack", AttackConfig),
+        ("defense", DefenseConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+DATASETS = ("mnist", "digits", "cifar10_samples", "cifar100_samples", "fashion_mnist_samples",
+            "cifar_pickle", "mnist_idx", "huggingface", "synthetic")
+MODELS = ("mlp", "cnn", "lenet", "convnet", "resnet18")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
+              "fedtrimmedavg", "krum")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _choice(key: str, value: Any, options: tuple) -> None:
+    _need(value in options, f"{key}={value!r} is not known; choose one of {', '.join(options)}")
+
+
+def validate(cfg: Any) -> None:
+    """Check value ranges and group combinations; raise ConfigError naming the key."""
+    _need(cfg.num_clients >= 1, f"num_clients must be at least 1 (got {cfg.num_clients}); set num_clients=N with N >= 1")
+    _need(cfg.num_rounds >= 1, f"num_rounds must be at least 1 (got {cfg.num_rounds}); set num_rounds=N with N >= 1")
+    _need(str(cfg.device) in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
+          f"device={cfg.device!r} is not known; use auto, cpu, cuda or cuda:N")
+    _choice("dataset", cfg.dataset.name, DATASETS)
+    _choice("model", cfg.model.name, MODELS)
+    _choice("partition", cfg.partition.name, PARTITIONS)
+    _choice("strategy", cfg.strategy.name, STRATEGIES)
+    _choice("client.optimizer", cfg.client.optimizer, OPTIMIZERS)
+    _need(cfg.scenario.name == "federated",
+          f"scenario={cfg.scenario.name} is not available yet; use scenario=federated")
+    _need(cfg.attack.name == "none", f"attack={cfg.attack.name} is not available yet; use attack=none")
+    _need(cfg.defense.name == "none", f"defense={cfg.defense.name} is not available yet; use defense=none")
+    _need(0.0 < cfg.dataset.test_fraction < 1.0,
+          f"dataset.test_fraction must be in (0, 1) (got {cfg.dataset.test_fraction})")
+    _need(cfg.dataset.max_examples is None or cfg.dataset.max_examples >= 2,
+          f"dataset.max_examples must be at least 2 (got {cfg.dataset.max_examples})")
+    _need(0.0 < cfg.strategy.fraction_train <= 1.0,
+          f"strategy.fraction_train must be in (0, 1] (got {cfg.strategy.fraction_train}); "
+          "it is the fraction of clients sampled each round")
+    _need(cfg.strategy.min_train_clients >= 1,
+          f"strategy.min_train_clients must be at least 1 (got {cfg.strategy.min_train_clients})")
+    _need(cfg.strategy.min_train_clients <= cfg.num_clients,
+          f"strategy.min_train_clients={cfg.strategy.min_train_clients} exceeds num_clients={cfg.num_clients}")
+    _need(0.0 <= cfg.strategy.trim_beta < 0.5,
+          f"strategy.trim_beta must be in [0, 0.5) (got {cfg.strategy.trim_beta})")
+    _need(cfg.strategy.proximal_mu >= 0, f"strategy.proximal_mu must be >= 0 (got {cfg.strategy.proximal_mu})")
+    _need(cfg.partition.alpha > 0, f"partition.alpha must be > 0 (got {cfg.partition.alpha})")
+    _need(cfg.partition.classes_per_client >= 1,
+          f"partition.classes_per_client must be at least 1 (got {cfg.partition.classes_per_client})")
+    _need(cfg.client.batch_size >= 1, f"client.batch_size must be at least 1 (got {cfg.client.batch_size})")
+    _need(cfg.client.local_epochs >= 1, f"client.local_epochs must be at least 1 (got {cfg.client.local_epochs})")
+    _need(cfg.client.lr > 0, f"client.lr must be > 0 (got {cfg.client.lr})")
+    _need(cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1 (got {cfg.eval_batch_size})")
+    _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")
+    res = cfg.backend.client_resources
+    _need(res.num_cpus > 0, f"backend.client_resources.num_cpus must be > 0 (got {res.num_cpus})")
+    _need(res.num_gpus >= 0, f"backend.client_resources.num_gpus must be >= 0 (got {res.num_gpus})")
+    _need(cfg.model.width >= 1, f"model.width must be at least 1 (got {cfg.model.width})")
+    _need(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden),
+          f"model.hidden must list positive layer sizes (got {list(cfg.model.hidden)})")

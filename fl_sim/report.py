@@ -1,0 +1,104 @@
+"""report.md and its pictures, written from summary.json's content (nothing else is read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(v, digits=4):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def plot_training_curves(rounds: list[dict], path: Path) -> None:
+    r = [e["round"] for e in rounds]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if any(e.get("train_loss") is not None for e in rounds):
+        ax1.plot(r, [e.get("train_loss") for e in rounds], "o-", label="train (clients' mean)")
+    ax1.plot(r, [e["test_loss"] for e in rounds], "s-", label="test (global model)")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(r, [100 * e["test_accuracy"] for e in rounds], "s-", color="C2")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rounds_table(rounds: list[dict]) -> str:
+    lines = ["| round | clients | train loss | test loss | test accuracy | seconds |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for e in rounds:
+        lines.append(f"| {e['round']} | {len(e['clients'])} | {_fmt(e.get('train_loss'))} | "
+                     f"{_fmt(e['test_loss'])} | {_fmt(e['test_accuracy'])} | {_fmt(e['seconds'], 2)} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, summary: dict) -> Path:
+    run_dir = Path(run_dir)
+    cfg = summary["config"]
+    rounds = summary["rounds"]
+    if rounds:
+        plot_training_curves(rounds, run_dir / "training_curves.png")
+    t = summary["timing"]
+    data = summary.get("data") or {}
+    model = summary.get("model") or {}
+    out = [
+        "# fl-sim run report",
+        "",
+        f"Status: **{summary['status']}**" + (f" — {summary['error']}" if summary.get("error") else ""),
+        "",
+        "## Setting",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| scenario | {cfg['scenario']['name']} |",
+        f"| dataset | {cfg['dataset']['name']} ({data.get('num_train', '?')} train / {data.get('num_test', '?')} "
+        f"test, input {'x'.join(map(str, data.get('input_shape', [])))}, {data.get('num_classes', '?')} classes) |",
+        f"| model | {cfg['model']['name']} ({model.get('parameters', '?'):,} parameters) |",
+        f"| clients | {cfg['num_clients']}, partition {cfg['partition']['name']}, "
+        f"fraction per round {cfg['strategy']['fraction_train']} |",
+        f"| strategy | {cfg['strategy']['name']} |",
+        f"| local training | {cfg['client']['optimizer']}, lr {cfg['client']['lr']}, batch {cfg['client']['batch_size']}, "
+        f"{cfg['client']['local_epochs']} epoch(s) |",
+        f"| rounds | {cfg['num_rounds']} |",
+        f"| attack | {cfg['attack']['name']} |",
+        f"| defense | {cfg['defense']['name']} |",
+        f"| seed | {cfg['seed']} |",
+        "",
+        "## Training",
+        "",
+        rounds_table(rounds),
+        "",
+    ]
+    if rounds:
+        out += ["![training curves](training_curves.png)", ""]
+    out += [
+        f"Total {t['total_seconds']:.1f} s; simulation {t['simulation_seconds']:.1f} s"
+        + (f" (Ray start-up {t['startup_seconds']:.1f} s)" if t.get("startup_seconds") else "") + ".",
+        "",
+    ]
+    if data.get("clients"):
+        out += ["## Clients", "", "| client | examples | label histogram |", "|---:|---:|---|"]
+        for c in data["clients"]:
+            out.append(f"| {c['client']} | {c['size']} | {' '.join(map(str, c['labels']))} |")
+        out.append("")
+    out += ["## Privacy", "", "No privacy mechanism." if summary.get("privacy") is None else str(summary["privacy"]), ""]
+    out += ["## Attacks", "", "No attack was configured." if not summary.get("attacks") else "", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(out))
+    return path

@@ -1,0 +1,249 @@
+"""One run: a composed config -> Flower simulation on Ray -> run directory (summary.json, report.md, PNGs).
+
+``run(cfg, run_dir)`` is the whole job; the CLI (``fl_sim.cli``) is a thin Hydra wrapper around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import fl_sim._quiet  # noqa: F401
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fl_sim.config import ConfigError, register_configs, validate
+
+log = logging.getLogger("fl_sim")
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the packaged config with Hydra overrides (the same config ``fl-sim`` would run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="fl_sim.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []))
+
+
+def new_run_dir(parent: str | os.PathLike) -> Path:
+    path = Path(parent) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RunRecorder:
+    """Collects what a run produces and writes the run directory.
+
+    The ServerApp thread calls ``started()`` once clients answered (Ray is up) and ``round(...)``
+    after each round; the runner calls ``finish(status)``.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.perf_counter()
+        self.t_sim_start: float | None = None
+        self.t_first_round: float | None = None
+        self.t_sim_end: float | None = None
+        self.rounds: list[dict] = []
+        self.attacks: list[dict] = []
+        self.privacy: dict | None = None
+        self.data_info: dict | None = None
+        self.model_info: dict | None = None
+        self.summary: dict | None = None
+
+    # --- called while running
+    def simulation_starting(self) -> None:
+        self.t_sim_start = time.perf_counter()
+
+    def started(self) -> None:
+        self.t_first_round = time.perf_counter()
+        log.info("clients ready after %.1f s (Ray start-up)", self.t_first_round - (self.t_sim_start or self.t_start))
+
+    def round(self, **entry: Any) -> None:
+        self.rounds.append(entry)
+        train = f"{entry['train_loss']:.4f}" if entry.get("train_loss") is not None else "n/a"
+        fails = f"  failures {entry['failures']}" if entry.get("failures") else ""
+        log.info("round %d/%d  clients %d  train_loss %s  test_loss %.4f  test_accuracy %.4f  (%.1f s)%s",
+                 entry["round"], self.cfg.num_rounds, len(entry["clients"]), train, entry["test_loss"],
+                 entry["test_accuracy"], entry["seconds"], fails)
+
+    def simulation_finished(self) -> None:
+        self.t_sim_end = time.perf_counter()
+
+    # --- the run directory
+    def timing(self) -> dict:
+        now = time.perf_counter()
+        sim = (self.t_sim_end or now) - self.t_sim_start if self.t_sim_start else 0.0
+        startup = (self.t_first_round - self.t_sim_start) if (self.t_first_round and self.t_sim_start) else None
+        return {
+            "total_seconds": now - self.t_start,
+            "simulation_seconds": sim,
+            "startup_seconds": startup,
+            "attack_seconds": float(sum(a.get("seconds", 0.0) for a in self.attacks)),
+        }
+
+    def finish(self, status: str, error: str | None = None) -> dict:
+        summary: dict[str, Any] = {"status": status}
+        if error is not None:
+            summary["error"] = error
+        summary.update({
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "rounds": self.rounds,
+            "attacks": self.attacks,
+            "privacy": self.privacy,
+            "timing": self.timing(),
+            "data": self.data_info,
+            "model": self.model_info,
+            "run_dir": str(self.run_dir.resolve()),
+            "versions": _versions(),
+        })
+        self.summary = summary
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if status == "completed" and self.cfg.report:
+            from fl_sim.report import write_report
+
+            write_report(self.run_dir, summary)
+        return summary
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fl-sim", "flwr", "ray", "torch", "opacus", "flwr-datasets", "hydra-core", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def backend_config(cfg: DictConfig) -> dict:
+    """Flower's Ray backend config: client resources and ray.init arguments (logs tamed)."""
+    b = cfg.backend
+    init_args: dict[str, Any] = {"logging_level": logging.DEBUG if cfg.verbose else logging.ERROR,
+                                 "log_to_driver": bool(cfg.verbose)}
+    if b.ray_address:
+        init_args["address"] = str(b.ray_address)
+    else:
+        if b.num_cpus is not None:
+            init_args["num_cpus"] = int(b.num_cpus)
+        if b.num_gpus is not None:
+            init_args["num_gpus"] = int(b.num_gpus)
+    return {
+        "client_resources": {"num_cpus": float(b.client_resources.num_cpus),
+                             "num_gpus": float(b.client_resources.num_gpus)},
+        "init_args": init_args,
+    }
+
+
+def _tame_logs(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR
+    for name in ("flwr", "ray", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(level)
+
+
+def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
+    """Validate the config and build data and model once in the driver, so that bad input
+    fails here with one clear line, before Ray starts."""
+    from fl_sim.apps import workspace
+    from fl_sim.models import num_parameters
+
+    validate(cfg)
+    try:
+        ws = workspace(cfg, "server")
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{e} (dataset={cfg.dataset.name})") from e
+    d = ws.data
+    recorder.data_info = {
+        "dataset": cfg.dataset.name,
+        "input_shape": list(d.input_shape),
+        "num_classes": d.num_classes,
+        "num_train": int(len(d.y_train)),
+        "num_test": int(len(d.y_test)),
+        "partition": cfg.partition.name,
+        "clients": [{"client": i, "size": int(len(p)), "labels": h}
+                    for i, (p, h) in enumerate(zip(d.partitions, d.label_histograms()))],
+    }
+    recorder.model_info = {"name": cfg.model.name, "parameters": num_parameters(ws.model)}
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+    """Run one experiment; always leaves ``summary.json`` (``status`` "completed" or "failed")."""
+    recorder = RunRecorder(cfg, Path(run_dir))
+    try:
+        from flwr.simulation import run_simulation
+
+        from fl_sim.apps import make_client_app, make_server_app
+
+        _tame_logs(cfg.verbose)  # after flwr's import, which sets its logger to DEBUG
+        prepare(cfg, recorder)
+
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        log.info("fl-sim: %s, %s, %d clients (%s), %s, %d rounds -> %s", cfg.dataset.name, cfg.model.name,
+                 cfg.num_clients, cfg.partition.name, cfg.strategy.name, cfg.num_rounds, recorder.run_dir)
+        recorder.simulation_starting()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
+            run_simulation(
+                server_app=make_server_app(cfg, recorder),
+                client_app=make_client_app(plain),
+                num_supernodes=cfg.num_clients,
+                backend_config=backend_config(cfg),
+                verbose_logging=bool(cfg.verbose),
+            )
+        recorder.simulation_finished()
+        if len(recorder.rounds) != cfg.num_rounds:
+            raise RuntimeError(f"the simulation ended after {len(recorder.rounds)} of {cfg.num_rounds} rounds")
+    except BaseException as e:  # noqa: BLE001 - the failure is recorded, then re-raised
+        recorder.simulation_finished()
+        recorder.finish("failed", error=_one_line(e))
+        raise
+    return recorder.finish("completed")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    text = msg[0] if msg else ""
+    if isinstance(e, ConfigError):
+        return text
+    cause = e.__cause__ or e.__context__
+    if not text and cause is not None:
+        return _one_line(cause)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
