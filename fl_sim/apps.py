@@ -39,6 +39,8 @@ log = logging.getLogger("fl_sim")
 
 @dataclass
 class Workspace:
+    """A process's data and a scratch model (weights are always loaded before use)."""
+
     data: FederatedData
     model: torch.nn.Module
     device: torch.device
@@ -67,7 +69,7 @@ def _data_key(cfg: DictConfig) -> str:
 
 
 def initial_model(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
-    """The seeded initial global model (same seed -> same weights)."""
+    """The seeded initial global model (same seed -> same weights), on the CPU."""
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
                        hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
@@ -199,12 +201,11 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
     strategy = make_strategy(
         s.name, proximal_mu=s.proximal_mu, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2,
         tau=s.tau, server_learning_rate=s.server_learning_rate, server_momentum=s.server_momentum,
-        trim_beta=s.trim_beta, num_malicious_clients=s.num_malicious_clients,
-        num_clients_to_keep=s.num_clients_to_keep)
+        trim_beta=s.trim_beta, num_malicious_clients=s.num_malicious_clients)
     node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
     client_of = {n: c for c, n in node_of.items()}
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in ws.model.state_dict().items()})
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
     x_test, y_test = ws.test_tensors()
     recorder.started()
     for rnd in range(1, cfg.num_rounds + 1):

@@ -54,7 +54,49 @@ def _app(cfg: DictConfig) -> None:
     print(f"run directory: {run_dir.resolve()}")
 
 
+def _hydra_error_line(e: BaseException) -> str:
+    """Hydra's multi-line composition error as one line (the search-path listing dropped)."""
+    parts: list[str] = []
+    err: BaseException | None = e
+    while err is not None:
+        for line in str(err).splitlines():
+            line = line.strip().rstrip(".")
+            if line.startswith("Config search path"):
+                break
+            if line and not line.startswith(("object_type=", "full_key:", "To append")) and not line.startswith("\tbase_") \
+                    and not line.startswith("base_") and line not in parts:
+                parts.append(line)
+        err = err.__cause__
+    text = "; ".join(parts).replace("Available options in", "available options in").replace(":;", ":")
+    return text or type(e).__name__
+
+
+def precheck(overrides: list[str]) -> str | None:
+    """Compose the config as the app will; return a one-line error, or None if it composes.
+
+    Hydra would print the same error over several lines; this keeps the CLI's promise of
+    one line naming the key. Sweeps (-m) and Hydra's own flags are left to Hydra.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fl_sim.runner import compose
+
+    try:
+        compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        return _hydra_error_line(e)
+    return None
+
+
 def main() -> None:
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        error = precheck([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
+        if error is not None:
+            print(f"fl-sim: error: {error} (fl-sim --help lists the groups, fl-sim --cfg job the keys)",
+                  file=sys.stderr)
+            sys.exit(2)
     _app()
 
 

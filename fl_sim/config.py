@@ -62,8 +62,7 @@ class StrategyConfig:
     server_learning_rate: float = 1.0  # fedavgm
     server_momentum: float = 0.0
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
-    num_malicious_clients: int = 0  # krum
-    num_clients_to_keep: int = 0  # krum (0: plain Krum, one client)
+    num_malicious_clients: int = 0  # krum: f, the number of Byzantine clients tolerated
 
 
 @dataclass

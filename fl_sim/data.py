@@ -224,7 +224,7 @@ def load_huggingface(name: str, split: str, image_key: str, label_key: str) -> t
 
             ds = datasets.load_from_disk(name)
         else:
-            fds = FederatedDataset(dataset=name, partitioners={split: IidPartitioner(1)})
+            fds = FederatedDataset(dataset=name, partitioners={split: IidPartitioner(1)}, shuffle=False)
             ds = fds.load_split(split)
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"dataset.hf_name={name}: cannot load split '{split}' ({type(e).__name__}: {e})") from e

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -177,7 +178,7 @@ def _tame_logs(verbose: bool) -> None:
 def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     """Validate the config and build data and model once in the driver, so that bad input
     fails here with one clear line, before Ray starts."""
-    from fl_sim.apps import workspace
+    from fl_sim.apps import initial_model, workspace
     from fl_sim.models import num_parameters
 
     validate(cfg)
@@ -194,11 +195,17 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
         "num_classes": d.num_classes,
         "num_train": int(len(d.y_train)),
         "num_test": int(len(d.y_test)),
+        "unassigned": int(len(d.y_train) - sum(len(p) for p in d.partitions)),  # examples no client holds
         "partition": cfg.partition.name,
         "clients": [{"client": i, "size": int(len(p)), "labels": h}
                     for i, (p, h) in enumerate(zip(d.partitions, d.label_histograms()))],
     }
-    recorder.model_info = {"name": cfg.model.name, "parameters": num_parameters(ws.model)}
+    init = initial_model(cfg, d)
+    digest = hashlib.sha256()
+    for k, v in init.state_dict().items():
+        digest.update(k.encode() + v.detach().cpu().numpy().tobytes())
+    recorder.model_info = {"name": cfg.model.name, "parameters": num_parameters(init),
+                           "initial_sha256": digest.hexdigest()}
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:

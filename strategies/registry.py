@@ -35,7 +35,6 @@ def make_strategy(
     server_momentum: float = 0.0,
     trim_beta: float = 0.2,
     num_malicious_clients: int = 0,
-    num_clients_to_keep: int = 0,
 ) -> Strategy:
     """Build the Flower strategy ``name`` that trains on every node it is handed.
 
@@ -61,5 +60,5 @@ def make_strategy(
     if name == "fedtrimmedavg":
         return FedTrimmedAvg(**common, beta=trim_beta)
     if name == "krum":
-        return Krum(**common, num_malicious_nodes=num_malicious_clients, num_nodes_to_select=num_clients_to_keep)
+        return Krum(**common, num_malicious_nodes=num_malicious_clients)
     raise ValueError(f"strategy={name} is not known; choose one of {', '.join(STRATEGIES)}")

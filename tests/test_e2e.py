@@ -1,0 +1,99 @@
+"""End to end on the real Flower simulation on Ray (kept few and small: each starts Ray)."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_sim.runner import run
+
+pytestmark = pytest.mark.e2e
+
+TINY = ["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=3", "num_rounds=2", "client.lr=0.1"]
+
+
+def _metrics(summary):
+    return [(r["round"], r["train_loss"], r["test_loss"], r["test_accuracy"], r["clients"]) for r in summary["rounds"]]
+
+
+def test_three_clients_two_rounds_write_summary_report_and_reproduce(compose, tmp_path):
+    cfg = compose(TINY)
+    s1 = run(cfg, tmp_path / "a")
+    on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert on_disk["status"] == "completed" and on_disk["rounds"] == s1["rounds"]
+    assert [r["round"] for r in s1["rounds"]] == [1, 2]
+    for r in s1["rounds"]:
+        assert set(r) >= {"round", "train_loss", "test_accuracy", "seconds"} and r["clients"] == [0, 1, 2]
+    assert s1["rounds"][-1]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert s1["attacks"] == [] and s1["privacy"] is None
+    assert set(s1["timing"]) >= {"total_seconds", "simulation_seconds", "attack_seconds"}
+    assert s1["config"]["num_clients"] == 3 and len(s1["data"]["clients"]) == 3
+    assert (tmp_path / "a" / "report.md").read_text().count("| 2 | 3 |") == 1
+    assert (tmp_path / "a" / "training_curves.png").stat().st_size > 1000
+
+    s2 = run(compose(TINY), tmp_path / "b")  # same seed: same partitions, initial model, metrics
+    assert s2["data"]["clients"] == s1["data"]["clients"]
+    assert s2["model"]["initial_sha256"] == s1["model"]["initial_sha256"]
+    assert _metrics(s2) == _metrics(s1)
+
+    s3 = run(compose(TINY + ["seed=1", "num_rounds=1"]), tmp_path / "c")
+    assert s3["model"]["initial_sha256"] != s1["model"]["initial_sha256"]
+
+
+def test_run_crashing_midway_leaves_failed_summary(compose, tmp_path, monkeypatch):
+    import fl_sim.apps
+
+    real = fl_sim.apps.evaluate
+    calls = []
+
+    def evaluate_then_crash(*a, **k):  # the server's central evaluation breaks in round 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(*a, **k)
+
+    monkeypatch.setattr(fl_sim.apps, "evaluate", evaluate_then_crash)
+    with pytest.raises(Exception):
+        run(compose(TINY + ["strategy=fedprox", "partition=dirichlet"]), tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "failed" and "disk on fire" in s["error"]
+    assert [r["round"] for r in s["rounds"]] == [1]  # what finished is kept
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_joins_an_existing_ray_cluster_started_on_loopback(compose, tmp_path):
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                           capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr
+    try:
+        s = run(compose(TINY + [f"backend.ray_address=127.0.0.1:{port}", "num_rounds=1"]), tmp_path)
+        assert s["status"] == "completed" and len(s["rounds"]) == 1
+        status = subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0  # the cluster outlived our run: we joined it, not started our own
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_cli_from_another_folder_prints_table_and_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "fl_sim", "experiment=quick", f"hydra.run.dir={run_dir}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"run directory: {run_dir.resolve()}" in p.stdout
+    assert "round 2/2" in p.stdout and "test acc" in p.stdout
+    assert "Traceback" not in p.stderr
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "completed" and s["config"]["dataset"]["name"] == "digits"
