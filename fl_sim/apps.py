@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import fl_sim._quiet  # noqa: F401
@@ -271,11 +272,13 @@ server_app = ServerApp()
 @server_app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     """`flwr run .`: the same run, its run directory under outputs/flwr-run/."""
-    from fl_sim.runner import RunRecorder, new_run_dir
+    from fl_sim.runner import RunRecorder, new_run_dir, prepare
 
     cfg = _cfg_from_run_config(context)
-    recorder = RunRecorder(cfg, new_run_dir("outputs/flwr-run"))
+    run_dir = str(context.run_config.get("run_dir", ""))
+    recorder = RunRecorder(cfg, Path(run_dir) if run_dir else new_run_dir("outputs/flwr-run"))
     try:
+        prepare(cfg, recorder)
         server_main(cfg, grid, recorder)
         recorder.finish("completed")
     except Exception as e:

@@ -69,7 +69,7 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         f"| scenario | {cfg['scenario']['name']} |",
         f"| dataset | {cfg['dataset']['name']} ({data.get('num_train', '?')} train / {data.get('num_test', '?')} "
         f"test, input {'x'.join(map(str, data.get('input_shape', [])))}, {data.get('num_classes', '?')} classes) |",
-        f"| model | {cfg['model']['name']} ({model.get('parameters', '?'):,} parameters) |",
+        f"| model | {cfg['model']['name']} ({model.get('parameters', 0):,} parameters) |",
         f"| clients | {cfg['num_clients']}, partition {cfg['partition']['name']}, "
         f"fraction per round {cfg['strategy']['fraction_train']} |",
         f"| strategy | {cfg['strategy']['name']} |",

@@ -97,3 +97,23 @@ def test_cli_from_another_folder_prints_table_and_run_dir(tmp_path):
     assert "Traceback" not in p.stderr
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["status"] == "completed" and s["config"]["dataset"]["name"] == "digits"
+
+
+def test_flwr_run_runs_the_same_apps(tmp_path):
+    """`flwr run .` (Flower's local SuperLink, simulation runtime) with overrides in the run config."""
+    import os
+
+    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    run_dir = tmp_path / "run"
+    overrides = "experiment=quick num_clients=2 num_rounds=1"
+    try:
+        p = subprocess.run([flwr, "run", str(repo), "--stream", "--run-config",
+                            f'overrides="{overrides}" run_dir="{run_dir}"'],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        s = json.loads((run_dir / "summary.json").read_text())
+        assert s["status"] == "completed" and len(s["rounds"]) == 1 and s["rounds"][0]["clients"] == [0, 1]
+    finally:
+        subprocess.run(["pkill", "-f", "flower-superlink"], capture_output=True)
