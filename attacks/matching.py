@@ -28,7 +28,7 @@ class UpdateSimulator:
     def __init__(self, model: nn.Module, knowledge: Knowledge, train_mode: bool = True):
         self.model = model.train(train_mode)
         self.names = [n for n, _ in model.named_parameters()]
-        self.params = {n: p.detach() for n, p in model.named_parameters()}
+        self.params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.lr = knowledge.lr
         self.steps = knowledge.local_steps

@@ -27,10 +27,12 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from fl_sim.attacking import evaluate_outcome
 from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.models import build_model
 from fl_sim.training import evaluate, local_train, resolve_device
 from strategies import make_strategy
+from strategies.adversarial import AdversarialStrategy
 
 log = logging.getLogger("fl_sim")
 
@@ -70,10 +72,14 @@ def _data_key(cfg: DictConfig) -> str:
 
 
 def initial_model(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
-    """The seeded initial global model (same seed -> same weights), on the CPU."""
+    """The seeded initial global model (same seed -> same weights), on the CPU; with attack=imprint,
+    the malicious server's version (an imprint block in front)."""
+    from fl_sim.attacking import wrap_model
+
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
-                       hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
+                        hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+    return wrap_model(cfg, model, data)
 
 
 def workspace(cfg: DictConfig, role: str) -> Workspace:
@@ -205,6 +211,8 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
         trim_beta=s.trim_beta, num_malicious_clients=s.num_malicious_clients)
     node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
     client_of = {n: c for c, n in node_of.items()}
+    if cfg.attack.name != "none":
+        strategy = adversarial_server(cfg, strategy, ws, client_of)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
     x_test, y_test = ws.test_tensors()
@@ -222,7 +230,19 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
         if not ok:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        t_agg = time.perf_counter()
         new_arrays, metrics = strategy.aggregate_train(rnd, ok)
+        if isinstance(strategy, AdversarialStrategy):
+            attack_seconds = time.perf_counter() - t_agg
+            for outcome in strategy.take_outcomes():
+                recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
+            for skipped in strategy.skipped:
+                log.warning("attack skipped: round %d client %d (%s)", skipped["round"], skipped["client"],
+                            skipped["reason"])
+            recorder.skipped_attacks += strategy.skipped
+            strategy.skipped = []
+        else:
+            attack_seconds = 0.0
         if new_arrays is not None:
             arrays = new_arrays
         ws.model.load_state_dict(arrays.to_torch_state_dict())
@@ -235,7 +255,29 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
             clients=sampled,
             failures=len(failures),
             seconds=time.perf_counter() - t0,
+            attack_seconds=attack_seconds,
         )
+
+
+def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[int, int]) -> AdversarialStrategy:
+    """The honest-but-curious (or, with imprint, malicious) server around ``inner``."""
+    from fl_sim.attacking import ATTACK_RESOURCE, attack_from_config, executor_from_config, knowledge_fn, local_executor
+
+    a = cfg.attack
+    executor = executor_from_config(cfg)
+    if a.workers > 0:
+        import ray
+
+        if ray.cluster_resources().get(ATTACK_RESOURCE, 0) < 1:
+            log.warning("the Ray cluster has no '%s' resource: attacks run in the server process "
+                        "(start Ray nodes with --resources='{\"%s\": N}' to run them in parallel)",
+                        ATTACK_RESOURCE, ATTACK_RESOURCE)
+            executor = local_executor(max(1, int(a.num_cpus)))
+    scratch = initial_model(cfg, ws.data)
+    return AdversarialStrategy(
+        inner, attack_from_config(a), knowledge_fn(cfg, scratch, ws.data),
+        client_of=lambda m: client_of.get(m.metadata.src_node_id, -1),
+        targets=set(a.target_clients) or None, rounds=set(a.rounds) or None, executor=executor)
 
 
 def make_server_app(cfg: dict | DictConfig, recorder) -> ServerApp:

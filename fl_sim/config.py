@@ -75,10 +75,20 @@ class ScenarioConfig:
 @dataclass
 class AttackConfig:
     name: str = "none"
-    target_clients: List[int] = field(default_factory=list)
-    rounds: List[int] = field(default_factory=list)
-    iterations: int = 0
+    target_clients: List[int] = field(default_factory=lambda: [0])  # [] = every sampled client
+    rounds: List[int] = field(default_factory=list)  # [] = every round
+    iterations: int = 1000  # inverting_gradients: optimisation steps per restart
     restarts: int = 1
+    lr: float = 0.1
+    tv: float = 0.2  # weight of total variation
+    bn_prior: float = 0.0  # weight of GradInversion's BatchNorm statistics term
+    signed: bool = True  # Adam on the sign of the gradient (Geiping et al.)
+    max_evaluations: int = 3000  # dlg / idlg: L-BFGS objective evaluations
+    bins: int = 128  # imprint: number of bins of the imprint block
+    labels_known: bool = False  # threat model: the server knows the clients' labels
+    seed: int = 0
+    workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
+    num_cpus: float = 1.0  # threads of each attack worker
 
 
 @dataclass
@@ -155,6 +165,7 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum")
 OPTIMIZERS = ("sgd", "adam")
+ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint")
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -179,7 +190,20 @@ def validate(cfg: Any) -> None:
     _choice("client.optimizer", cfg.client.optimizer, OPTIMIZERS)
     _need(cfg.scenario.name == "federated",
           f"scenario={cfg.scenario.name} is not available yet; use scenario=federated")
-    _need(cfg.attack.name == "none", f"attack={cfg.attack.name} is not available yet; use attack=none")
+    _choice("attack", cfg.attack.name, ATTACKS)
+    bad = [c for c in cfg.attack.target_clients if not 0 <= c < cfg.num_clients]
+    _need(not bad, f"attack.target_clients={list(cfg.attack.target_clients)}: {bad} are not clients "
+                   f"(clients are 0..{cfg.num_clients - 1})")
+    bad = [r for r in cfg.attack.rounds if not 1 <= r <= cfg.num_rounds]
+    _need(not bad, f"attack.rounds={list(cfg.attack.rounds)}: {bad} are not rounds (1..{cfg.num_rounds})")
+    _need(cfg.attack.iterations >= 1, f"attack.iterations must be at least 1 (got {cfg.attack.iterations})")
+    _need(cfg.attack.restarts >= 1, f"attack.restarts must be at least 1 (got {cfg.attack.restarts})")
+    _need(cfg.attack.max_evaluations >= 1, f"attack.max_evaluations must be at least 1 (got {cfg.attack.max_evaluations})")
+    _need(cfg.attack.bins >= 2, f"attack.bins must be at least 2 (got {cfg.attack.bins})")
+    _need(cfg.attack.workers >= 0, f"attack.workers must be >= 0 (got {cfg.attack.workers})")
+    _need(cfg.attack.num_cpus > 0, f"attack.num_cpus must be > 0 (got {cfg.attack.num_cpus})")
+    _need(cfg.attack.name != "analytic" or cfg.model.name == "mlp",
+          f"attack=analytic needs a model whose first layer is fully connected; use model=mlp (got model={cfg.model.name})")
     _need(cfg.defense.name == "none", f"defense={cfg.defense.name} is not available yet; use defense=none")
     _need(0.0 < cfg.dataset.test_fraction < 1.0,
           f"dataset.test_fraction must be in (0, 1) (got {cfg.dataset.test_fraction})")

@@ -48,6 +48,35 @@ def rounds_table(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def attacks_section(summary: dict) -> list[str]:
+    attacks = summary.get("attacks") or []
+    cfg = summary["config"]["attack"]
+    out = ["## Attacks", ""]
+    if cfg["name"] == "none":
+        return out + ["No attack was configured (honest server).", ""]
+    out += [f"Attack `{cfg['name']}` by an {'malicious' if cfg['name'] == 'imprint' else 'honest-but-curious'} "
+            f"server on clients {cfg['target_clients'] or 'all sampled'}; labels "
+            f"{'known to the server' if cfg['labels_known'] else 'recovered by the attack'}. "
+            "PSNR (dB) and SSIM on [0, 1] images after Hungarian matching of reconstructions to the client's "
+            "examples; label accuracy over the label multiset. LPIPS is not computed (no local network weights).",
+            "",
+            "| round | client | observed | examples | PSNR | SSIM | label acc. | iterations | seconds |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for a in attacks:
+        if a.get("error"):
+            out.append(f"| {a['round']} | {a['client']} | {a['observed']} | {a['batch_size']} | failed: {a['error']} |||||")
+            continue
+        out.append(f"| {a['round']} | {a['client']} | {a['observed']} | {a['batch_size']} | {_fmt(a['psnr'], 2)} | "
+                   f"{_fmt(a['ssim'], 3)} | {_fmt(a['label_accuracy'], 2)} | {a['iterations']} | {_fmt(a['seconds'], 1)} |")
+    for s in summary.get("attacks_skipped") or []:
+        out.append(f"| {s['round']} | {s['client']} | skipped: {s['reason']} |||||||")
+    out.append("")
+    for a in attacks:
+        if a.get("picture"):
+            out += [f"![round {a['round']} client {a['client']}]({a['picture']})", ""]
+    return out
+
+
 def write_report(run_dir: Path, summary: dict) -> Path:
     run_dir = Path(run_dir)
     cfg = summary["config"]
@@ -98,7 +127,7 @@ def write_report(run_dir: Path, summary: dict) -> Path:
             out.append(f"| {c['client']} | {c['size']} | {' '.join(map(str, c['labels']))} |")
         out.append("")
     out += ["## Privacy", "", "No privacy mechanism." if summary.get("privacy") is None else str(summary["privacy"]), ""]
-    out += ["## Attacks", "", "No attack was configured." if not summary.get("attacks") else "", ""]
+    out += attacks_section(summary)
     path = run_dir / "report.md"
     path.write_text("\n".join(out))
     return path

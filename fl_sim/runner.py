@@ -78,6 +78,7 @@ class RunRecorder:
         self.t_sim_end: float | None = None
         self.rounds: list[dict] = []
         self.attacks: list[dict] = []
+        self.skipped_attacks: list[dict] = []
         self.privacy: dict | None = None
         self.data_info: dict | None = None
         self.model_info: dict | None = None
@@ -99,6 +100,17 @@ class RunRecorder:
                  entry["round"], self.cfg.num_rounds, len(entry["clients"]), train, entry["test_loss"],
                  entry["test_accuracy"], entry["seconds"], fails)
 
+    def attack(self, entry: dict) -> None:
+        self.attacks.append(entry)
+        if entry.get("error"):
+            log.info("attack %s round %d client %s failed: %s", entry["attack"], entry["round"], entry["client"],
+                     entry["error"])
+            return
+        labels = f"  label accuracy {entry['label_accuracy']:.2f}" if entry.get("label_accuracy") is not None else ""
+        log.info("attack %s round %d client %s (%d examples): PSNR %.2f dB  SSIM %.3f%s  (%.1f s)", entry["attack"],
+                 entry["round"], entry["client"], entry["batch_size"], entry["psnr"], entry["ssim"], labels,
+                 entry["seconds"])
+
     def simulation_finished(self) -> None:
         self.t_sim_end = time.perf_counter()
 
@@ -111,7 +123,7 @@ class RunRecorder:
             "total_seconds": now - self.t_start,
             "simulation_seconds": sim,
             "startup_seconds": startup,
-            "attack_seconds": float(sum(a.get("seconds", 0.0) for a in self.attacks)),
+            "attack_seconds": float(sum(r.get("attack_seconds", 0.0) for r in self.rounds)),  # wall time
         }
 
     def finish(self, status: str, error: str | None = None) -> dict:
@@ -122,6 +134,7 @@ class RunRecorder:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "rounds": self.rounds,
             "attacks": self.attacks,
+            "attacks_skipped": self.skipped_attacks,
             "privacy": self.privacy,
             "timing": self.timing(),
             "data": self.data_info,
@@ -158,6 +171,10 @@ def backend_config(cfg: DictConfig) -> dict:
     if b.ray_address:
         init_args["address"] = str(b.ray_address)
     else:
+        if cfg.attack.name != "none" and cfg.attack.workers > 0:
+            from fl_sim.attacking import ATTACK_RESOURCE
+
+            init_args["resources"] = {ATTACK_RESOURCE: int(cfg.attack.workers)}
         if b.num_cpus is not None:
             init_args["num_cpus"] = int(b.num_cpus)
         if b.num_gpus is not None:

@@ -1,0 +1,103 @@
+"""Deep Leakage from Gradients — Zhu, Liu, Han (NeurIPS 2019).
+
+Find dummy inputs x' and dummy soft labels y' = softmax(z') whose gradient matches the observed one
+in Euclidean distance (their eq. 4):
+
+    x'*, z'* = argmin ||∇W L(F(x', W), softmax(z')) - ∇W||²
+
+optimised jointly with L-BFGS (step size 1), starting from Gaussian noise. For multi-step FedAvg
+updates the client's local steps are replayed on (x', y') (``attacks.matching.UpdateSimulator``).
+``max_evaluations`` bounds the number of objective evaluations (each L-BFGS step makes several).
+The paper runs 300 L-BFGS steps; an L-BFGS run that diverges (NaN) is restarted from new noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from attacks.base import Knowledge, Observation, Reconstruction
+from attacks.matching import UpdateSimulator, l2_distance
+
+
+class _BudgetSpent(Exception):
+    pass
+
+
+@dataclass
+class DLG:
+    max_evaluations: int = 3000
+    lr: float = 1.0
+    history_size: int = 100
+    line_search: str | None = "strong_wolfe"
+    train_mode: bool = True
+    optimize_labels: bool = True  # DLG; iDLG fixes the labels it recovered (see attacks/idlg.py)
+    seed: int = 0
+    name: str = "dlg"
+
+    def _labels(self, model, observation, knowledge, sim) -> torch.Tensor | None:
+        return knowledge.labels.to(knowledge.device) if knowledge.labels is not None else None
+
+    def reconstruct(self, observation: Observation, knowledge: Knowledge,
+                    progress: Callable[[int, float], None] | None = None) -> Reconstruction:
+        model = knowledge.model_at(observation.before)
+        sim = UpdateSimulator(model, knowledge, train_mode=self.train_mode)
+        target = sim.target(observation)
+        fixed = None if self.optimize_labels else self._labels(model, observation, knowledge, sim)
+        if fixed is None and not self.optimize_labels:
+            raise ValueError("labels are needed when they are not optimised")
+        mean, std, low, high = knowledge.bounds()
+        n = knowledge.num_examples
+        gen = torch.Generator().manual_seed(self.seed)
+        evaluations, steps = 0, 0
+        best = (float("inf"), None, None)  # (objective, x, labels) of the best point evaluated
+        while evaluations < self.max_evaluations:  # a start that diverges (NaN) is replaced
+            x = torch.randn((n, *knowledge.input_shape), generator=gen).to(knowledge.device).requires_grad_(True)
+            z = torch.randn((n, knowledge.num_classes), generator=gen).to(knowledge.device).requires_grad_(True)
+            variables = [x, z] if fixed is None else [x]
+            opt = torch.optim.LBFGS(variables, lr=self.lr, history_size=self.history_size,
+                                    line_search_fn=self.line_search)
+
+            def closure():
+                nonlocal evaluations, best
+                if evaluations >= self.max_evaluations:
+                    raise _BudgetSpent
+                opt.zero_grad(set_to_none=True)
+                y = torch.softmax(z, dim=1) if fixed is None else fixed
+                loss = l2_distance(sim(x, y), target)
+                grads = torch.autograd.grad(loss, variables)
+                for v, g in zip(variables, grads):
+                    v.grad = g
+                evaluations += 1
+                value = float(loss.detach())
+                if value < best[0]:
+                    labels = y.argmax(1) if fixed is None else fixed
+                    best = (value, x.detach().clone(), labels.detach().clone())
+                return loss
+
+            diverged = False
+            while evaluations < self.max_evaluations:
+                before = evaluations
+                try:
+                    opt.step(closure)
+                except _BudgetSpent:
+                    break
+                steps += 1
+                if not torch.isfinite(x).all():
+                    diverged = True
+                    break
+                if progress is not None and steps % 10 == 0:
+                    progress(evaluations, best[0])
+                if evaluations == before or best[0] < 1e-12:
+                    break  # converged
+            if not diverged:
+                break
+        loss, x_best, y_best = best
+        if x_best is None:  # every start diverged: report noise honestly
+            x_best = torch.zeros((n, *knowledge.input_shape), device=knowledge.device)
+            y_best = torch.zeros(n, dtype=torch.long, device=knowledge.device)
+        images = (x_best * std + mean).clamp(0, 1)
+        return Reconstruction(images.cpu(), y_best.cpu(), iterations=steps, evaluations=evaluations, loss=loss,
+                              info={"optimizer": "L-BFGS", "labels_optimised": fixed is None})

@@ -1,0 +1,96 @@
+"""Imprint ("Robbing the Fed") — Fowl, Geiping, Czaja, Goldblum, Goldstein, "Robbing the Fed: Directly
+Obtaining Private Data in Federated Learning with Modified Models" (ICLR 2022).
+
+A malicious server puts an *imprint block* in front of the model it sends:
+
+    h = ReLU(W1 x + b1),  W1_i = a (the same measurement for every bin: mean brightness),
+                          b1_i = -t_i (thresholds t_1 < ... < t_k at quantiles of that measurement)
+    x' = x + reshape(W2 h), all columns of W2 equal (so dL/dh_i is the same for every bin)
+
+Unit i is active for the examples whose brightness exceeds t_i, so dL/dW1_i = sum_{n: s_n > t_i} c_n x_n
+and dL/db1_i = sum_{n: s_n > t_i} c_n. The difference of two neighbouring bins isolates the examples
+with t_i < s_n <= t_{i+1}; when that is one example, x_n = ΔW / Δb exactly (their eq. 3). It works on an
+aggregate of many clients as well (the sum keeps the structure), which is why secure aggregation
+does not stop it. The skip connection keeps the model working for the clients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from attacks.base import Knowledge, Observation, Reconstruction
+
+
+class ImprintBlock(nn.Module):
+    """The malicious module (bins over mean normalised brightness), placed in front of the model."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_bins: int, thresholds: torch.Tensor | None = None,
+                 seed: int = 0):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        d = math.prod(input_shape)
+        self.imprint = nn.Linear(d, num_bins)
+        self.project = nn.Linear(num_bins, d, bias=False)
+        if thresholds is None:  # quantiles of N(0, 1/sqrt(d))-ish brightness; better: pass measured ones
+            q = torch.linspace(0, 1, num_bins + 2)[1:-1]
+            thresholds = torch.distributions.Normal(0.0, 1.0).icdf(q) * 0.5
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.imprint.weight.fill_(1.0 / d)
+            self.imprint.bias.copy_(-torch.as_tensor(thresholds, dtype=torch.float32))
+            v = torch.randn(d, 1, generator=g) * 1e-3
+            self.project.weight.copy_(v.expand(d, num_bins))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.imprint(x.flatten(1)))
+        return x + self.project(h).view(-1, *self.input_shape)
+
+
+class ImprintedModel(nn.Module):
+    """``base`` with an imprint block in front: the model a malicious server sends."""
+
+    def __init__(self, base: nn.Module, block: ImprintBlock):
+        super().__init__()
+        self.block = block
+        self.base = base
+
+    def forward(self, x):
+        return self.base(self.block(x))
+
+
+def brightness_thresholds(images_normalised: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Bin thresholds at the quantiles of mean brightness of the attacker's auxiliary (public) data."""
+    s = images_normalised.flatten(1).mean(1).double()
+    q = torch.linspace(0, 1, num_bins + 2, dtype=torch.float64)[1:-1]
+    return torch.quantile(s, q).float()
+
+
+@dataclass
+class Imprint:
+    eps: float = 1e-12
+    block_name: str = "block.imprint"
+    name: str = "imprint"
+
+    def reconstruct(self, observation: Observation, knowledge: Knowledge,
+                    progress: Callable[[int, float], None] | None = None) -> Reconstruction:
+        w, b = f"{self.block_name}.weight", f"{self.block_name}.bias"
+        if w not in observation.before:
+            raise ValueError("imprint needs the model sent to carry the imprint block (attack=imprint builds it)")
+        gw = (observation.before[w] - observation.after[w]).double()
+        gb = (observation.before[b] - observation.after[b]).double()
+        # thresholds ascending = bins ordered; b = -t so sort by -b
+        order = torch.argsort(-observation.before[b].double())
+        gw, gb = gw[order], gb[order]
+        dw = torch.cat([gw[:-1] - gw[1:], gw[-1:]])
+        db = torch.cat([gb[:-1] - gb[1:], gb[-1:]])
+        keep = db.abs() > self.eps * max(float(db.abs().max()), 1e-30)
+        xs = (dw[keep] / db[keep, None]).float().reshape(-1, *knowledge.input_shape)
+        mean, std, _, _ = knowledge.bounds()
+        images = (xs.to(mean.device) * std + mean).clamp(0, 1)
+        return Reconstruction(images.cpu(), None, iterations=0, evaluations=0, loss=0.0,
+                              info={"bins_hit": int(keep.sum())})

@@ -1,0 +1,24 @@
+"""Attacks by config name: ``make_attack("inverting_gradients", iterations=1000)``."""
+
+from __future__ import annotations
+
+from attacks.analytic import Analytic
+from attacks.dlg import DLG
+from attacks.idlg import IDLG
+from attacks.imprint import Imprint
+from attacks.inverting_gradients import InvertingGradients
+
+ATTACKS = {
+    "dlg": DLG,
+    "idlg": IDLG,
+    "inverting_gradients": InvertingGradients,
+    "analytic": Analytic,
+    "imprint": Imprint,
+}
+
+
+def make_attack(name: str, **kwargs):
+    """Build the attack ``name`` with its hyper-parameters (unknown ones are refused by the dataclass)."""
+    if name not in ATTACKS:
+        raise ValueError(f"attack={name} is not known; choose one of {', '.join(ATTACKS)}")
+    return ATTACKS[name](**kwargs)

@@ -1,0 +1,153 @@
+"""The adversarial server: a wrapper around any Flower strategy (as Flower's
+``DifferentialPrivacyServerSideFixedClipping`` wraps one).
+
+Each round it remembers what it sent (global model, train config), and when the replies come back it
+builds, for each targeted client, exactly what an honest-but-curious server observes — that client's
+returned model next to the model sent — plus what the server knows (hyper-parameters it sent, the
+number of examples the client reported), hands them to the attack, then lets the inner strategy
+aggregate the same replies unchanged. It never sees client data: scoring happens in fl_sim.
+
+    >>> adv = AdversarialStrategy(FedAvg(), attack=make_attack("inverting_gradients"),
+    ...                           knowledge=knowledge_fn, client_of=client_of, targets={0})
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from attacks.base import Knowledge, Observation, Reconstruction
+
+
+@dataclass
+class AttackJob:
+    """One attack to run: what was observed, about whom, and what the server knows."""
+
+    server_round: int
+    client: int | list[int]  # the target (a list: the clients behind an aggregate)
+    observed: str  # client_update | aggregate
+    observation: Observation
+    knowledge: Knowledge
+
+
+@dataclass
+class AttackOutcome:
+    job: AttackJob
+    reconstruction: Reconstruction | None
+    seconds: float
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_jobs_sequentially(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
+    """The default executor: one attack after the other in this process."""
+    out = []
+    for job in jobs:
+        t = time.perf_counter()
+        try:
+            rec = attack.reconstruct(job.observation, job.knowledge)
+            out.append(AttackOutcome(job, rec, time.perf_counter() - t))
+        except Exception as e:  # noqa: BLE001 - one failed attack must not end the run
+            out.append(AttackOutcome(job, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}"))
+    return out
+
+
+class AdversarialStrategy(Strategy):
+    """Honest-but-curious server around ``inner``: observe, attack, delegate.
+
+    Parameters
+    ----------
+    inner : Strategy
+        Any Flower strategy; its sampling and aggregation are used unchanged.
+    attack : object with ``reconstruct(observation, knowledge)``
+        The attack (``attacks.make_attack(...)``).
+    knowledge : callable (server_round, arrays sent, config sent, reply) -> Knowledge
+        What the server knows about a reply's client (architecture, hyper-parameters, reported size).
+    client_of : callable (Message) -> int
+        The client id behind a reply.
+    targets : set of int or None
+        Clients to attack (None: every client that replies).
+    rounds : set of int or None
+        Rounds to attack in (None: every round).
+    executor : callable (attack, jobs) -> outcomes
+        How to run the round's attacks (default: sequentially here; fl_sim runs them as Ray tasks).
+    """
+
+    def __init__(self, inner: Strategy, attack: Any, knowledge: Callable[..., Knowledge],
+                 client_of: Callable[[Message], int], targets: set[int] | None = None,
+                 rounds: set[int] | None = None,
+                 executor: Callable[[Any, list[AttackJob]], list[AttackOutcome]] = run_jobs_sequentially) -> None:
+        self.inner = inner
+        self.attack = attack
+        self.knowledge = knowledge
+        self.client_of = client_of
+        self.targets = targets
+        self.rounds = rounds
+        self.executor = executor
+        self._sent: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        self.outcomes: list[AttackOutcome] = []
+        self.skipped: list[dict] = []
+
+    def __repr__(self) -> str:
+        return (f"AdversarialStrategy(inner={type(self.inner).__name__}, attack={getattr(self.attack, 'name', self.attack)},"
+                f" targets={sorted(self.targets) if self.targets is not None else 'all'})")
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    # --- what the server sends: remembered, then delegated
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        if messages:
+            first = messages[0].content
+            self._sent[server_round] = (first["arrays"], first["config"])
+        return messages
+
+    # --- what the server receives: observed, attacked, delegated
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if self.rounds is None or server_round in self.rounds:
+            jobs = self.observe(server_round, replies)
+            if jobs:
+                self.outcomes += self.executor(self.attack, jobs)
+        self._sent.pop(server_round, None)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def observe(self, server_round: int, replies: list[Message]) -> list[AttackJob]:
+        sent_arrays, sent_config = self._sent[server_round]
+        before = sent_arrays.to_torch_state_dict()
+        ok = {self.client_of(m): m for m in replies if not m.has_error()}
+        failed = {self.client_of(m) for m in replies if m.has_error()}
+        wanted = set(ok) | failed if self.targets is None else set(self.targets)
+        jobs = []
+        for cid in sorted(wanted):
+            if cid in failed:
+                self.skipped.append({"round": server_round, "client": cid, "reason": "the client failed this round"})
+                continue
+            if cid not in ok:
+                continue  # not sampled this round
+            reply = ok[cid]
+            obs = Observation(before, reply.content["arrays"].to_torch_state_dict(), kind="client_update")
+            jobs.append(AttackJob(server_round, cid, "client_update", obs,
+                                  self.knowledge(server_round, sent_arrays, sent_config, reply)))
+        return jobs
+
+    # --- evaluation: unchanged
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def take_outcomes(self) -> list[AttackOutcome]:
+        out, self.outcomes = self.outcomes, []
+        return out

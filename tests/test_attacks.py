@@ -1,0 +1,143 @@
+"""Each attack on the smallest real case, with an asserted number (real digits / CIFAR images)."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from attacks import Knowledge, Observation, make_attack
+from attacks.imprint import ImprintBlock, ImprintedModel, brightness_thresholds
+from attacks.labels import batch_labels, idlg_label
+from attacks.matching import UpdateSimulator, cosine_distance
+from fl_sim.data import load_digits
+from fl_sim.metrics import score
+from fl_sim.models import build_model
+from fl_sim.training import local_train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def fedsgd(model, x, y):
+    """Observation of one SGD step (lr 1) on (x, y), data in [0,1] used as is (mean 0, std 1)."""
+    loss = F.cross_entropy(model(x), y)
+    return Observation.from_gradients(model, torch.autograd.grad(loss, list(model.parameters())))
+
+
+def know(model, x, **kw):
+    return Knowledge(model, tuple(x.shape[1:]), 10, num_examples=len(x), batch_size=len(x), **kw)
+
+
+def test_analytic_recovers_one_example_exactly_from_a_fully_connected_model(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(64, 32))
+    obs = fedsgd(model, x[:1], y[:1])
+    rec = make_attack("analytic").reconstruct(obs, know(model, x[:1]))
+    assert torch.allclose(rec.inputs, x[:1], atol=1e-4)
+
+
+def test_idlg_recovers_label_exactly_for_batch_of_one(digits):
+    x, y = digits
+    for name in ("lenet", "mlp"):
+        torch.manual_seed(1)
+        model = build_model(name, (1, 8, 8), 10)
+        for i in range(20):
+            obs = fedsgd(model, x[i:i + 1], y[i:i + 1])
+            update = {k: obs.before[k] - obs.after[k] for k in obs.before}
+            assert idlg_label(model, update) == int(y[i])
+
+
+def test_batch_label_recovery_gets_at_least_90_percent_of_a_batch(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("cnn", (1, 8, 8), 10, hidden=(64,))
+    hits = total = 0
+    for start in range(0, 64, 8):
+        xb, yb = x[start:start + 8], y[start:start + 8]
+        obs = fedsgd(model, xb, yb)
+        update = {k: obs.before[k] - obs.after[k] for k in obs.before}
+        rec = batch_labels(model, update, 8, (1, 8, 8), 10)
+        s = score(xb.numpy(), xb.numpy(), yb.numpy(), rec.numpy())
+        hits += s["label_accuracy"] * 8
+        total += 8
+    assert hits / total >= 0.9
+
+
+def test_dlg_inverts_a_tiny_mlp_within_seconds(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(32,), activation="sigmoid")
+    obs = fedsgd(model, x[3:4], y[3:4])
+    rec = make_attack("dlg", max_evaluations=300).reconstruct(obs, know(model, x[:1]))
+    s = score(x[3:4].numpy(), rec.inputs.numpy(), y[3:4].numpy(), rec.labels.numpy())
+    assert s["psnr"][0] > 30 and s["label_accuracy"] == 1.0 and rec.evaluations <= 300
+
+
+def test_idlg_fixes_the_recovered_label(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(32,), activation="sigmoid")
+    obs = fedsgd(model, x[5:6], y[5:6])
+    rec = make_attack("idlg", max_evaluations=300).reconstruct(obs, know(model, x[:1]))
+    s = score(x[5:6].numpy(), rec.inputs.numpy(), y[5:6].numpy(), rec.labels.numpy())
+    assert rec.labels.tolist() == [int(y[5])] and s["psnr"][0] > 30
+
+
+def test_imprint_recovers_a_batch_exactly(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    block = ImprintBlock((1, 8, 8), num_bins=64, thresholds=brightness_thresholds(x[500:], 64))
+    model = ImprintedModel(build_model("mlp", (1, 8, 8), 10, hidden=(32,)), block)
+    xb, yb = x[:8], y[:8]
+    obs = fedsgd(model, xb, yb)
+    rec = make_attack("imprint").reconstruct(obs, know(model, xb))
+    s = score(xb.numpy(), rec.inputs.numpy(), yb.numpy(), None, labels_given=True)
+    exact = sum(p > 60 for p in s["psnr"])  # exact up to float precision
+    assert exact >= 6, s["psnr"]
+
+
+def test_update_replay_matches_the_clients_multi_step_update(digits):
+    """Fed the client's own data in its own order, the replay reproduces the real update."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(32,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    client = build_model("mlp", (1, 8, 8), 10, hidden=(32,))
+    client.load_state_dict(before)
+    xb, yb = x[:12], y[:12]
+    # the client: 3 steps of batch 4 in order (no shuffling), lr 0.1
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    for s in range(0, 12, 4):
+        opt.zero_grad()
+        F.cross_entropy(client(xb[s:s + 4]), yb[s:s + 4]).backward()
+        opt.step()
+    obs = Observation(before, {k: v.detach().clone() for k, v in client.state_dict().items()})
+    k = Knowledge(model, (1, 8, 8), 10, lr=0.1, batch_size=4, num_examples=12)
+    assert k.local_steps == 3
+    sim = UpdateSimulator(model, k)
+    replay = sim(xb, yb)
+    assert float(cosine_distance(replay, sim.target(obs))) < 1e-6
+    for a, b in zip(replay, sim.target(obs)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_inverting_gradients_beats_the_mean_image_on_a_multi_step_update(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(64,))
+    client = build_model("mlp", (1, 8, 8), 10, hidden=(64,))
+    client.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xb, yb = x[:4], y[:4]
+    local_train(client, xb, yb, epochs=2, batch_size=2, lr=0.1, generator=torch.Generator().manual_seed(0))
+    obs = Observation(before, {k: v.detach().clone() for k, v in client.state_dict().items()})
+    k = Knowledge(model, (1, 8, 8), 10, lr=0.1, local_epochs=2, batch_size=2, num_examples=4, labels=yb)
+    rec = make_attack("inverting_gradients", iterations=300, tv=0.01).reconstruct(obs, k)
+    attacked = score(xb.numpy(), rec.inputs.numpy(), yb.numpy(), None, labels_given=True)["psnr_mean"]
+    mean_image = x[500:].mean(0, keepdim=True).expand(4, -1, -1, -1).numpy()
+    baseline = score(xb.numpy(), mean_image, yb.numpy(), None, labels_given=True)["psnr_mean"]
+    assert attacked > baseline + 3, (attacked, baseline)
