@@ -14,9 +14,12 @@ from the head's update (iDLG for one example, bias-corrected counts for a batch)
 
 Optional: ``bn_prior`` > 0 adds GradInversion's BatchNorm statistics term (Yin et al. 2021).
 
-Defaults: α_TV = 0.2, Adam step 0.1, signed, boxed, step decay (the paper's optimiser, as breaching
-configures it); the paper runs 24,000 iterations with up to 8 restarts on trained ResNets, fl-sim's
-default is 1,000 iterations and 1 restart (``iterations``, ``restarts`` are config knobs).
+Defaults: Adam step 0.1 on the signed gradient, boxed, step decay (the paper's optimiser); α_TV = 1e-4.
+With signed steps the *sign* of each pixel's gradient is all that counts, and a TV weight like breaching's
+0.2 decides that sign almost everywhere (measured on CIFAR-10 images 5 and 6, which the benchmark's targets
+do not use, ConvNet width 64, 1,000 iterations: 20.4 / 14.5 dB at 0.2, 21.2 / 16.4 dB at 1e-3, 26.8 /
+21.3 dB at 1e-4, 26.3 / 17.5 dB at 0). The paper runs 24,000 iterations with up to 8 restarts on trained
+ResNets; fl-sim's default is 1,000 iterations and 1 restart (``iterations``, ``restarts``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class InvertingGradients:
     iterations: int = 1000
     restarts: int = 1
     lr: float = 0.1
-    tv: float = 0.2
+    tv: float = 1e-4
     bn_prior: float = 0.0
     signed: bool = True
     train_mode: bool = True  # replay local training with BatchNorm in train mode (as clients do)

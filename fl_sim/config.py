@@ -80,7 +80,7 @@ class AttackConfig:
     iterations: int = 1000  # inverting_gradients: optimisation steps per restart
     restarts: int = 1
     lr: float = 0.1
-    tv: float = 0.2  # weight of total variation
+    tv: float = 1e-4  # weight of total variation
     bn_prior: float = 0.0  # weight of GradInversion's BatchNorm statistics term
     signed: bool = True  # Adam on the sign of the gradient (Geiping et al.)
     max_evaluations: int = 3000  # dlg / idlg: L-BFGS objective evaluations

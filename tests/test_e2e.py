@@ -117,3 +117,21 @@ def test_flwr_run_runs_the_same_apps(tmp_path):
         assert s["status"] == "completed" and len(s["rounds"]) == 1 and s["rounds"][0]["clients"] == [0, 1]
     finally:
         subprocess.run(["pkill", "-f", "flower-superlink"], capture_output=True)
+
+
+def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_path):
+    """inverting_gradients on two clients per round, run in parallel as Ray tasks."""
+    cfg = compose(TINY + ["attack=inverting_gradients", "attack.iterations=20", "attack.target_clients=[0,2]",
+                          "attack.workers=2"])
+    s = run(cfg, tmp_path)
+    entries = s["attacks"]
+    assert [(a["round"], a["client"]) for a in entries] == [(1, 0), (1, 2), (2, 0), (2, 2)]
+    expected = {"round", "client", "attack", "observed", "batch_size", "psnr", "ssim", "label_accuracy",
+                "iterations", "seconds"}
+    for a in entries:
+        assert expected <= set(a) and a["observed"] == "client_update" and a["iterations"] == 20
+        assert a["batch_size"] == s["data"]["clients"][a["client"]]["size"]
+        assert 5 < a["psnr"] < 40 and 0 <= a["label_accuracy"] <= 1
+        assert (tmp_path / a["picture"]).stat().st_size > 1000
+    assert s["timing"]["attack_seconds"] > 0
+    assert "attack_round1_client0.png" in (tmp_path / "report.md").read_text()
