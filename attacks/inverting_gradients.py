@@ -42,7 +42,8 @@ def recover_labels(model, observation: Observation, knowledge: Knowledge, sim: U
     n = knowledge.num_examples
     if n == 1:
         return torch.tensor([idlg_label(model, update)], device=knowledge.device)
-    return batch_labels(model, update, n, knowledge.input_shape, knowledge.num_classes).to(knowledge.device)
+    return batch_labels(model, update, n, knowledge.input_shape, knowledge.num_classes,
+                        local_batch_size=knowledge.batch_size, epochs=knowledge.local_epochs).to(knowledge.device)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class InvertingGradients:
         shape = (knowledge.num_examples, *knowledge.input_shape)
         prior = None
         if self.bn_prior > 0:
-            prior = BatchNormPrior(model, batchnorm_targets(model, observation, one_step=knowledge.local_steps == 1))
+            prior = BatchNormPrior(model, batchnorm_targets(model, observation, knowledge.local_steps))
         gen = torch.Generator().manual_seed(self.seed)
         best_x, best_loss = None, float("inf")
         evaluations = 0

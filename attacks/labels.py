@@ -6,7 +6,10 @@
 - ``batch_labels`` — label counts for a batch, bias-corrected (Geng et al. 2021, "Towards General
   Deep Leakage in Federated Learning"; Wainakh et al. 2022, LLG): with mean reduction the head's bias
   gradient is g_c = (1/B) sum_i (p_ic - y_ic), so the count of class c is B (p̄_c - g_c). The mean
-  prediction p̄_c is estimated by running the model sent on random inputs.
+  prediction p̄_c is estimated by running the model sent on random inputs. For a FedAvg update of E
+  epochs over n examples in batches of b, the update (in gradient units) sums every step's gradient:
+  about (E / b) sum_i (p_ic - y_ic), so count_c ≈ n p̄_c - (b / E) signal_c (p drifts as the client trains:
+  an approximation).
 """
 
 from __future__ import annotations
@@ -48,14 +51,17 @@ def mean_prediction(model: nn.Module, input_shape, num_samples: int = 64, seed: 
     return p, feats[0].sum(dim=1).mean()
 
 
-def batch_labels(model: nn.Module, update: dict[str, torch.Tensor], batch_size: int, input_shape,
-                 num_classes: int) -> torch.Tensor:
-    """Recover the multiset of ``batch_size`` labels (sorted) from the head's mean-reduced gradient."""
+def batch_labels(model: nn.Module, update: dict[str, torch.Tensor], num_examples: int, input_shape,
+                 num_classes: int, local_batch_size: int | None = None, epochs: int = 1) -> torch.Tensor:
+    """Recover the multiset of ``num_examples`` labels (sorted) from the head's update in gradient units
+    (one mean-reduced gradient, or the sum over the client's local steps)."""
+    batch_size = num_examples
+    b = min(local_batch_size or num_examples, num_examples)
     signal, is_bias = _head_signal(model, update)
     p_mean, feat_sum = mean_prediction(model, input_shape)
     if not is_bias:  # weight row sums carry the (unknown) feature sums; use their mean as the scale
         signal = signal / feat_sum.clamp_min(1e-8)
-    counts = (batch_size * (p_mean.to(signal.device) - signal)).clamp_min(0)
+    counts = (batch_size * p_mean.to(signal.device) - signal * b / max(epochs, 1)).clamp_min(0)
     # integer counts summing to batch_size: floors, then the largest remainders (or, when clamping
     # negatives pushed the total over, take back from the smallest remainders)
     base = counts.floor()

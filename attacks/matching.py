@@ -103,23 +103,26 @@ class BatchNormPrior:
             h.remove()
 
 
-def batchnorm_targets(model: nn.Module, observation: Observation, one_step: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Target BN statistics: the client's own batch statistics, solved from the running-stat buffers of
-    its returned model when it took one step (running = (1 - m) old + m batch); otherwise the running
-    statistics of the model sent (GradInversion's prior)."""
+def batchnorm_targets(model: nn.Module, observation: Observation, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Target BN statistics, solved from the running-stat buffers of the client's returned model.
+
+    After k steps with momentum m, running = (1 - m)^k old + sum_j m (1 - m)^(k-1-j) batch_j; taking every
+    batch statistic equal to the client's data statistic s gives s = (running - (1 - m)^k old) / (1 - (1 - m)^k),
+    exact for one step. Without a momentum (cumulative averaging) the running statistics of the model sent are
+    used instead (GradInversion's prior from a trained model).
+    """
     targets = []
     for name, m in model.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
-        rm0, rv0 = observation.before[f"{name}.running_mean"], observation.before[f"{name}.running_var"]
-        if one_step and m.momentum:
-            mom = m.momentum
-            rm1, rv1 = observation.after[f"{name}.running_mean"], observation.after[f"{name}.running_var"]
-            mean = (rm1 - (1 - mom) * rm0) / mom
-            var = ((rv1 - (1 - mom) * rv0) / mom).clamp_min(0)  # unbiased batch variance; close enough
-            targets.append((mean.float(), var.float()))
+        rm0, rv0 = observation.before[f"{name}.running_mean"].float(), observation.before[f"{name}.running_var"].float()
+        if m.momentum and f"{name}.running_mean" in observation.after:
+            keep = (1 - m.momentum) ** steps
+            rm1 = observation.after[f"{name}.running_mean"].float()
+            rv1 = observation.after[f"{name}.running_var"].float()
+            targets.append(((rm1 - keep * rm0) / (1 - keep), ((rv1 - keep * rv0) / (1 - keep)).clamp_min(0)))
         else:
-            targets.append((rm0.float(), rv0.float()))
+            targets.append((rm0, rv0))
     return targets
 
 

@@ -66,7 +66,7 @@ _WORKSPACES: dict[tuple[str, str], Workspace] = {}
 
 
 def _data_key(cfg: DictConfig) -> str:
-    keys = ("dataset", "partition", "num_clients", "seed", "model")
+    keys = ("dataset", "partition", "num_clients", "seed", "model", "attack", "device")  # all that shapes data/model
     return json.dumps({k: OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k]
                        for k in keys}, sort_keys=True)
 
@@ -231,6 +231,8 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
         t_agg = time.perf_counter()
+        if isinstance(strategy, AdversarialStrategy):
+            strategy.note_failures(rnd, sorted(failures))
         new_arrays, metrics = strategy.aggregate_train(rnd, ok)
         if isinstance(strategy, AdversarialStrategy):
             attack_seconds = time.perf_counter() - t_agg

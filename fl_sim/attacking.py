@@ -68,17 +68,10 @@ def knowledge_fn(cfg: DictConfig, model: torch.nn.Module, data: FederatedData):
 
 
 def _run_job_in_worker(attack, job: AttackJob, threads: int, queue=None) -> AttackOutcome:
+    """A Ray task: one attack with ``threads`` threads, progress sent back through ``queue``."""
     torch.set_num_threads(threads)
-    progress = None
-    if queue is not None:
-        def progress(it: int, loss: float) -> None:
-            queue.put_nowait((job.server_round, job.client, it, loss))
-    t = time.perf_counter()
-    try:
-        rec = attack.reconstruct(job.observation, job.knowledge, progress=progress)
-        return AttackOutcome(job, rec, time.perf_counter() - t)
-    except Exception as e:  # noqa: BLE001
-        return AttackOutcome(job, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}")
+    progress = None if queue is None else (lambda j, it, loss: queue.put_nowait((j.server_round, j.client, it, loss)))
+    return run_jobs_sequentially(attack, [job], progress=progress)[0]
 
 
 def ray_executor(workers: int, threads: int):
@@ -91,45 +84,52 @@ def ray_executor(workers: int, threads: int):
         from ray.util.queue import Empty, Queue
 
         queue = Queue(actor_options={"num_cpus": 0})
-        task = ray.remote(_run_job_in_worker).options(num_cpus=0, resources={ATTACK_RESOURCE: 1}, max_retries=0)
-        attack_ref = ray.put(attack)
-        pending = [task.remote(attack_ref, job, threads, queue) for job in jobs]
-        log.info("round %d: attacking clients %s with %s (%d in parallel)", jobs[0].server_round,
-                 [j.client for j in jobs], getattr(attack, "name", attack), min(workers, len(jobs)))
-        while True:
-            _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=2.0)
-            try:
-                while True:
-                    rnd, client, it, loss = queue.get_nowait()
-                    log.info("  attack round %d client %s: iteration %d, matching loss %.5f", rnd, client, it, loss)
-            except Empty:
-                pass
-            if not not_ready:
-                break
-        out = ray.get(pending)
-        ray.kill(queue.actor)
-        return out
+        try:
+            task = ray.remote(_run_job_in_worker).options(num_cpus=0, resources={ATTACK_RESOURCE: 1}, max_retries=0)
+            attack_ref = ray.put(attack)
+            pending = [task.remote(attack_ref, job, threads, queue) for job in jobs]
+            log.info("round %d: attacking clients %s with %s (%d in parallel)", jobs[0].server_round,
+                     [j.client for j in jobs], getattr(attack, "name", attack), min(workers, len(jobs)))
+            while True:
+                _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+                try:
+                    while True:
+                        rnd, client, it, loss = queue.get_nowait()
+                        log.info("  attack round %d client %s: iteration %d, matching loss %.5f",
+                                 rnd, client, it, loss)
+                except Empty:
+                    pass
+                if not not_ready:
+                    break
+            out = []
+            for job, ref in zip(jobs, pending):
+                try:
+                    out.append(ray.get(ref))
+                except Exception as e:  # noqa: BLE001 - a lost worker fails that attack, not the run
+                    out.append(AttackOutcome(job, None, 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+            return out
+        finally:
+            ray.kill(queue.actor)
 
     return execute
 
 
+def _log_progress(job: AttackJob, it: int, loss: float) -> None:
+    log.info("  attack round %d client %s: iteration %d, matching loss %.5f", job.server_round, job.client, it, loss)
+
+
 def local_executor(threads: int):
+    """Attacks one after the other in the server process, with ``threads`` threads like a worker."""
+
     def execute(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
-        out = []
-        for job in jobs:
-            log.info("round %d: attacking client %s with %s", job.server_round, job.client, attack.name)
-
-            def progress(it, loss, _job=job):
-                log.info("  attack round %d client %s: iteration %d, matching loss %.5f",
-                         _job.server_round, _job.client, it, loss)
-
-            t = time.perf_counter()
-            try:
-                rec = attack.reconstruct(job.observation, job.knowledge, progress=progress)
-                out.append(AttackOutcome(job, rec, time.perf_counter() - t))
-            except Exception as e:  # noqa: BLE001
-                out.append(AttackOutcome(job, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}"))
-        return out
+        log.info("round %d: attacking clients %s with %s (in the server process)", jobs[0].server_round,
+                 [j.client for j in jobs], getattr(attack, "name", attack))
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)  # the same thread count as an attack worker: same floating point
+        try:
+            return run_jobs_sequentially(attack, jobs, progress=_log_progress)
+        finally:
+            torch.set_num_threads(saved)
 
     return execute
 

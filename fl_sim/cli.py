@@ -17,6 +17,7 @@ from fl_sim.config import ConfigError, register_configs
 
 log = logging.getLogger("fl_sim")
 register_configs()
+_failed_jobs: list[str] = []  # runs of a sweep that failed (a sweep goes on, then exits non-zero)
 
 
 def _print_rounds(summary: dict) -> None:
@@ -42,6 +43,7 @@ def _app(cfg: DictConfig) -> None:
         print(f"fl-sim: error: {e}", file=sys.stderr)
         if not sweeping:
             sys.exit(2)
+        _failed_jobs.append(str(run_dir))
         return
     except Exception as e:  # noqa: BLE001 - one line on the console, the traceback in the run dir
         (run_dir / "error.log").write_text(traceback.format_exc())
@@ -49,6 +51,7 @@ def _app(cfg: DictConfig) -> None:
               f"fl-sim: traceback in {run_dir / 'error.log'}; summary.json has status 'failed'", file=sys.stderr)
         if not sweeping:
             sys.exit(1)
+        _failed_jobs.append(str(run_dir))
         return
     _print_rounds(summary)
     print(f"run directory: {run_dir.resolve()}")
@@ -98,6 +101,9 @@ def main() -> None:
                   file=sys.stderr)
             sys.exit(2)
     _app()
+    if _failed_jobs:
+        print(f"fl-sim: {len(_failed_jobs)} run(s) of the sweep failed: {', '.join(_failed_jobs)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,11 @@ def validate(cfg: Any) -> None:
     _need(cfg.attack.bins >= 2, f"attack.bins must be at least 2 (got {cfg.attack.bins})")
     _need(cfg.attack.workers >= 0, f"attack.workers must be >= 0 (got {cfg.attack.workers})")
     _need(cfg.attack.num_cpus > 0, f"attack.num_cpus must be > 0 (got {cfg.attack.num_cpus})")
+    replaying = cfg.attack.name in ("dlg", "idlg", "inverting_gradients")
+    _need(not replaying or (cfg.client.optimizer == "sgd" and cfg.client.momentum == 0
+                            and cfg.client.weight_decay == 0 and cfg.strategy.proximal_mu == 0),
+          f"attack={cfg.attack.name} replays the client's plain SGD steps; set client.optimizer=sgd "
+          "client.momentum=0 client.weight_decay=0 strategy.proximal_mu=0 (or choose attack=analytic/imprint)")
     _need(cfg.attack.name != "analytic" or cfg.model.name == "mlp",
           f"attack=analytic needs a model whose first layer is fully connected; use model=mlp (got model={cfg.model.name})")
     _need(cfg.defense.name == "none", f"defense={cfg.defense.name} is not available yet; use defense=none")

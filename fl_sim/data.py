@@ -11,7 +11,6 @@ Partitions come from flwr-datasets partitioners over the (seeded, shuffled) trai
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import re
 import struct

@@ -255,11 +255,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         recorder.simulation_finished()
         if len(recorder.rounds) != cfg.num_rounds:
             raise RuntimeError(f"the simulation ended after {len(recorder.rounds)} of {cfg.num_rounds} rounds")
+        return recorder.finish("completed")
     except BaseException as e:  # noqa: BLE001 - the failure is recorded, then re-raised
         recorder.simulation_finished()
         recorder.finish("failed", error=_one_line(e))
         raise
-    return recorder.finish("completed")
 
 
 def _one_line(e: BaseException) -> str:

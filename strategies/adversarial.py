@@ -45,13 +45,15 @@ class AttackOutcome:
     extra: dict = field(default_factory=dict)
 
 
-def run_jobs_sequentially(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
-    """The default executor: one attack after the other in this process."""
+def run_jobs_sequentially(attack, jobs: list[AttackJob],
+                          progress: Callable[[AttackJob, int, float], None] | None = None) -> list[AttackOutcome]:
+    """The default executor: one attack after the other in this process; ``progress(job, iteration, loss)``."""
     out = []
     for job in jobs:
+        report = None if progress is None else (lambda it, loss, _job=job: progress(_job, it, loss))
         t = time.perf_counter()
         try:
-            rec = attack.reconstruct(job.observation, job.knowledge)
+            rec = attack.reconstruct(job.observation, job.knowledge, progress=report)
             out.append(AttackOutcome(job, rec, time.perf_counter() - t))
         except Exception as e:  # noqa: BLE001 - one failed attack must not end the run
             out.append(AttackOutcome(job, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}"))
@@ -91,6 +93,7 @@ class AdversarialStrategy(Strategy):
         self.rounds = rounds
         self.executor = executor
         self._sent: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        self._failed: dict[int, set[int]] = {}
         self.outcomes: list[AttackOutcome] = []
         self.skipped: list[dict] = []
 
@@ -119,13 +122,18 @@ class AdversarialStrategy(Strategy):
             if jobs:
                 self.outcomes += self.executor(self.attack, jobs)
         self._sent.pop(server_round, None)
+        self._failed.pop(server_round, None)
         return self.inner.aggregate_train(server_round, replies)
+
+    def note_failures(self, server_round: int, clients: Iterable[int]) -> None:
+        """Clients whose training failed this round (a runner that filters error replies tells us here)."""
+        self._failed.setdefault(server_round, set()).update(clients)
 
     def observe(self, server_round: int, replies: list[Message]) -> list[AttackJob]:
         sent_arrays, sent_config = self._sent[server_round]
         before = sent_arrays.to_torch_state_dict()
         ok = {self.client_of(m): m for m in replies if not m.has_error()}
-        failed = {self.client_of(m) for m in replies if m.has_error()}
+        failed = {self.client_of(m) for m in replies if m.has_error()} | self._failed.get(server_round, set())
         wanted = set(ok) | failed if self.targets is None else set(self.targets)
         jobs = []
         for cid in sorted(wanted):

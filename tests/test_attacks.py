@@ -141,3 +141,51 @@ def test_inverting_gradients_beats_the_mean_image_on_a_multi_step_update(digits)
     mean_image = x[500:].mean(0, keepdim=True).expand(4, -1, -1, -1).numpy()
     baseline = score(xb.numpy(), mean_image, yb.numpy(), None, labels_given=True)["psnr_mean"]
     assert attacked > baseline + 3, (attacked, baseline)
+
+
+def test_batchnorm_targets_recover_the_clients_batch_statistics_after_one_step(digits):
+    from attacks.matching import batchnorm_targets
+
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("convnet", (1, 28, 28), 10, width=2)
+    client = build_model("convnet", (1, 28, 28), 10, width=2)
+    client.load_state_dict(model.state_dict())
+    xb = torch.nn.functional.interpolate(x[:16], size=28)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    local_train(client, xb, y[:16], epochs=1, batch_size=16, lr=0.1)
+    obs = Observation(before, {k: v.detach().clone() for k, v in client.state_dict().items()})
+    (mean, var), *_ = batchnorm_targets(model, obs, steps=1)
+    first_bn_input = model.body[0](xb)  # the conv before the first BatchNorm, at the weights sent
+    torch.testing.assert_close(mean, first_bn_input.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(var, first_bn_input.var((0, 2, 3)), atol=1e-4, rtol=1e-3)  # unbiased, as BN stores
+
+
+def test_inverting_gradients_with_batchnorm_prior_runs_and_reports(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_model("convnet", (1, 28, 28), 10, width=2)
+    xb = torch.nn.functional.interpolate(x[:2], size=28)
+    model.train()
+    obs = fedsgd(model, xb, y[:2])
+    rec = make_attack("inverting_gradients", iterations=5, bn_prior=0.01).reconstruct(obs, know(model, xb))
+    assert rec.inputs.shape == (2, 1, 28, 28) and rec.evaluations == 6 and np.isfinite(rec.loss)
+
+
+def test_batch_label_counts_from_a_multi_step_fedavg_update(digits):
+    """16 examples, batch 4, 2 epochs = 8 local steps: the counts come from the summed update."""
+    x, y = digits
+    hits = total = 0
+    for start in range(0, 96, 16):
+        torch.manual_seed(start)
+        model = build_model("mlp", (1, 8, 8), 10, hidden=(64,))
+        client = build_model("mlp", (1, 8, 8), 10, hidden=(64,))
+        client.load_state_dict(model.state_dict())
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        xb, yb = x[start:start + 16], y[start:start + 16]
+        local_train(client, xb, yb, epochs=2, batch_size=4, lr=0.05, generator=torch.Generator().manual_seed(0))
+        update = {k: (before[k] - v.detach()) / 0.05 for k, v in client.state_dict().items()}
+        rec = batch_labels(model, update, 16, (1, 8, 8), 10, local_batch_size=4, epochs=2)
+        hits += score(xb.numpy(), xb.numpy(), yb.numpy(), rec.numpy())["label_accuracy"] * 16
+        total += 16
+    assert hits / total >= 0.8, hits / total

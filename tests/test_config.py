@@ -9,10 +9,12 @@ from fl_sim.cli import precheck
 from fl_sim.config import ConfigError, validate
 
 
-def test_default_config_is_cnn_on_mnist_10_clients_3_rounds(compose):
+def test_default_config_is_cnn_on_mnist_10_clients_3_rounds_with_a_short_attack(compose):
     cfg = compose()
     assert (cfg.dataset.name, cfg.model.name, cfg.num_clients, cfg.num_rounds) == ("mnist", "cnn", 10, 3)
-    assert cfg.strategy.name == "fedavg" and cfg.attack.name == "none" and cfg.defense.name == "none"
+    assert cfg.strategy.name == "fedavg" and cfg.defense.name == "none"
+    assert (cfg.attack.name, cfg.attack.iterations, list(cfg.attack.target_clients)) == ("inverting_gradients", 20, [0])
+    assert compose(["attack=inverting_gradients"]).attack.iterations == 1000  # the full attack keeps its default
     validate(cfg)
 
 
@@ -21,6 +23,7 @@ def test_default_config_is_cnn_on_mnist_10_clients_3_rounds(compose):
     ("model", ["mlp", "lenet", "convnet", "resnet18", "cnn"]),
     ("partition", ["iid", "dirichlet", "pathological"]),
     ("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]),
+    ("attack", ["none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint"]),
 ])
 def test_every_documented_group_option_composes(compose, group, options):
     for opt in options:
@@ -40,6 +43,11 @@ def test_every_documented_group_option_composes(compose, group, options):
     ("dataset.test_fraction=1.0", r"dataset.test_fraction must be in \(0, 1\)"),
     ("client.optimizer=lbfgs", "client.optimizer='lbfgs' is not known"),
     ("strategy.min_train_clients=11", "strategy.min_train_clients=11 exceeds num_clients=10"),
+    ("attack.target_clients=[10]", r"attack.target_clients=\[10\]: \[10\] are not clients \(clients are 0..9\)"),
+    ("attack.rounds=[4]", r"attack.rounds=\[4\]: \[4\] are not rounds"),
+    ("attack.iterations=0", "attack.iterations must be at least 1"),
+    ("attack.workers=-1", "attack.workers must be >= 0"),
+    ("attack=analytic", "attack=analytic needs a model whose first layer is fully connected; use model=mlp"),
 ])
 def test_bad_value_gives_error_naming_the_key(compose, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,3 +78,17 @@ def test_cli_bad_input_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
 
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["status"] == "failed" and "num_clients" in s["error"]
+
+
+def test_importing_fl_sim_turns_telemetry_off_unless_the_user_set_it():
+    code = ("import os; import fl_sim; "
+            "print(os.environ['FLWR_TELEMETRY_ENABLED'], os.environ['RAY_USAGE_STATS_ENABLED'], "
+            "os.environ['FLWR_DISABLE_UPDATE_CHECK'], os.environ['HF_HUB_DISABLE_TELEMETRY'])")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED", "FLWR_DISABLE_UPDATE_CHECK",
+                        "HF_HUB_DISABLE_TELEMETRY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["0", "0", "1", "1"]
+    env["RAY_USAGE_STATS_ENABLED"] = "1"  # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split()[1] == "1"

@@ -13,7 +13,8 @@ from fl_sim.runner import run
 
 pytestmark = pytest.mark.e2e
 
-TINY = ["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=3", "num_rounds=2", "client.lr=0.1"]
+TINY = ["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=3", "num_rounds=2", "client.lr=0.1",
+        "attack=none"]
 
 
 def _metrics(summary):
@@ -116,7 +117,8 @@ def test_flwr_run_runs_the_same_apps(tmp_path):
         s = json.loads((run_dir / "summary.json").read_text())
         assert s["status"] == "completed" and len(s["rounds"]) == 1 and s["rounds"][0]["clients"] == [0, 1]
     finally:
-        subprocess.run(["pkill", "-f", "flower-superlink"], capture_output=True)
+        # only the SuperLink this test's FLWR_HOME started (its database lives there)
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path / 'flwr_home'}"], capture_output=True)
 
 
 def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_path):
@@ -135,3 +137,15 @@ def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_p
         assert (tmp_path / a["picture"]).stat().st_size > 1000
     assert s["timing"]["attack_seconds"] > 0
     assert "attack_round1_client0.png" in (tmp_path / "report.md").read_text()
+
+
+def test_malicious_imprint_server_recovers_client_examples_exactly(compose, tmp_path):
+    """attack=imprint: the server sends a model with an imprint block; one local step per client (FedSGD)."""
+    cfg = compose(TINY + ["attack=imprint", "attack.bins=1024", "attack.target_clients=[1]", "attack.rounds=[1]",
+                          "client.batch_size=1000", "num_rounds=1", "attack.workers=0"])
+    s = run(cfg, tmp_path)
+    (a,) = s["attacks"]
+    assert a["attack"] == "imprint" and a["client"] == 1 and a["label_accuracy"] is None
+    exact = sum(p > 50 for p in a["psnr_per_image"])  # recovered to float precision
+    assert exact >= 0.3 * a["batch_size"], (exact, a["batch_size"])
+    assert s["rounds"][0]["test_accuracy"] > 0.2  # the clients' model still learns through the block
