@@ -3,11 +3,11 @@ Obtaining Private Data in Federated Learning with Modified Models" (ICLR 2022).
 
 A malicious server puts an *imprint block* in front of the model it sends:
 
-    h = ReLU(W1 x + b1),  W1_i = a (the same measurement for every bin: mean brightness),
-                          b1_i = -t_i (thresholds t_1 < ... < t_k at quantiles of that measurement)
+    h = ReLU(W1 x + b1),  W1_i = g m (the same linear measurement m for every bin; gain g),
+                          b1_i = -g t_i (thresholds t_1 < ... < t_k at quantiles of that measurement)
     x' = x + reshape(W2 h), all columns of W2 equal (so dL/dh_i is the same for every bin)
 
-Unit i is active for the examples whose brightness exceeds t_i, so dL/dW1_i = sum_{n: s_n > t_i} c_n x_n
+Unit i is active for the examples whose measurement m.x exceeds t_i, so dL/dW1_i = sum_{n: s_n > t_i} c_n x_n
 and dL/db1_i = sum_{n: s_n > t_i} c_n. The difference of two neighbouring bins isolates the examples
 with t_i < s_n <= t_{i+1}; when that is one example, x_n = ΔW / Δb exactly (their eq. 3). It works on an
 aggregate of many clients as well (the sum keeps the structure), which is why secure aggregation
@@ -27,28 +27,46 @@ from attacks.base import Knowledge, Observation, Reconstruction
 
 
 class ImprintBlock(nn.Module):
-    """The malicious module (bins over mean normalised brightness), placed in front of the model."""
+    """The malicious module, placed in front of the model.
+
+    Every bin measures the same random linear function of the input, ``m . x`` (the paper allows any
+    linear measurement; a random direction separates examples better than mean brightness, which ties
+    on images with few grey levels). ``thresholds`` are quantiles of that measurement on the server's
+    public data (``measurement_thresholds``). ``gain`` scales the first layer down and the second up by
+    the same amount: the model computes the same function, but the update of the first layer becomes
+    large relative to its weights, so it survives the float32 subtraction ``before - after`` a server
+    sees (with gain 1 the update of a large batch drowns in rounding)."""
 
     def __init__(self, input_shape: tuple[int, ...], num_bins: int, thresholds: torch.Tensor | None = None,
-                 seed: int = 0):
+                 measurement: torch.Tensor | None = None, seed: int = 0, gain: float = 1e-3,
+                 strength: float = 1e-2):
         super().__init__()
         self.input_shape = tuple(input_shape)
         d = math.prod(input_shape)
+        g = torch.Generator().manual_seed(seed)
+        if measurement is None:
+            measurement = random_measurement(d, seed)
+        if thresholds is None:  # quantiles of N(0, 1): the measurement of standardised data, roughly
+            q = torch.linspace(0, 1, num_bins + 2)[1:-1]
+            thresholds = torch.distributions.Normal(0.0, 1.0).icdf(q)
         self.imprint = nn.Linear(d, num_bins)
         self.project = nn.Linear(num_bins, d, bias=False)
-        if thresholds is None:  # quantiles of N(0, 1/sqrt(d))-ish brightness; better: pass measured ones
-            q = torch.linspace(0, 1, num_bins + 2)[1:-1]
-            thresholds = torch.distributions.Normal(0.0, 1.0).icdf(q) * 0.5
-        g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.imprint.weight.fill_(1.0 / d)
-            self.imprint.bias.copy_(-torch.as_tensor(thresholds, dtype=torch.float32))
-            v = torch.randn(d, 1, generator=g) * 1e-3
+            self.imprint.weight.copy_(gain * measurement.reshape(1, d).expand(num_bins, d))
+            self.imprint.bias.copy_(-gain * torch.as_tensor(thresholds, dtype=torch.float32))
+            # the sum of the bins' activations is about num_bins * gain; keep x' - x around `strength`
+            v = torch.randn(d, 1, generator=g) * strength / (gain * num_bins)
             self.project.weight.copy_(v.expand(d, num_bins))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.imprint(x.flatten(1)))
         return x + self.project(h).view(-1, *self.input_shape)
+
+
+def random_measurement(d: int, seed: int = 0) -> torch.Tensor:
+    """The block's linear measurement: a seeded random unit direction in input space."""
+    m = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1))
+    return m / m.norm()
 
 
 class ImprintedModel(nn.Module):
@@ -63,9 +81,10 @@ class ImprintedModel(nn.Module):
         return self.base(self.block(x))
 
 
-def brightness_thresholds(images_normalised: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Bin thresholds at the quantiles of mean brightness of the attacker's auxiliary (public) data."""
-    s = images_normalised.flatten(1).mean(1).double()
+def measurement_thresholds(images_normalised: torch.Tensor, num_bins: int, measurement: torch.Tensor) -> torch.Tensor:
+    """Bin thresholds at the quantiles of the measurement on the attacker's auxiliary (public) data:
+    about equally many examples fall in each bin, which maximises the bins holding exactly one."""
+    s = images_normalised.flatten(1).double() @ measurement.double()
     q = torch.linspace(0, 1, num_bins + 2, dtype=torch.float64)[1:-1]
     return torch.quantile(s, q).float()
 

@@ -230,21 +230,14 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
         if not ok:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
-        t_agg = time.perf_counter()
         if isinstance(strategy, AdversarialStrategy):
             strategy.note_failures(rnd, sorted(failures))
-        new_arrays, metrics = strategy.aggregate_train(rnd, ok)
+        t_agg = time.perf_counter()
+        new_arrays, metrics = strategy.aggregate_train(rnd, ok)  # the adversarial server attacks in here
+        attack_seconds = 0.0
         if isinstance(strategy, AdversarialStrategy):
             attack_seconds = time.perf_counter() - t_agg
-            for outcome in strategy.take_outcomes():
-                recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
-            for skipped in strategy.skipped:
-                log.warning("attack skipped: round %d client %d (%s)", skipped["round"], skipped["client"],
-                            skipped["reason"])
-            recorder.skipped_attacks += strategy.skipped
-            strategy.skipped = []
-        else:
-            attack_seconds = 0.0
+            score_attacks(strategy, cfg, ws, recorder)
         if new_arrays is not None:
             arrays = new_arrays
         ws.model.load_state_dict(arrays.to_torch_state_dict())
@@ -259,6 +252,16 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
             seconds=time.perf_counter() - t0,
             attack_seconds=attack_seconds,
         )
+
+
+def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:
+    """The evaluator's turn: score the round's reconstructions against the truth, note skipped targets."""
+    for outcome in strategy.take_outcomes():
+        recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
+    for skipped in strategy.skipped:
+        log.warning("attack skipped: round %d client %d (%s)", skipped["round"], skipped["client"], skipped["reason"])
+    recorder.skipped_attacks += strategy.skipped
+    strategy.skipped = []
 
 
 def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[int, int]) -> AdversarialStrategy:

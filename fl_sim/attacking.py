@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from omegaconf import DictConfig
 
 from attacks import Knowledge, make_attack
-from attacks.imprint import ImprintBlock, ImprintedModel, brightness_thresholds
+from attacks.imprint import ImprintBlock, ImprintedModel, measurement_thresholds, random_measurement
 from fl_sim.data import FederatedData
 from fl_sim.metrics import score
 from strategies.adversarial import AttackJob, AttackOutcome, run_jobs_sequentially
@@ -41,12 +41,14 @@ def attack_from_config(a: DictConfig):
 
 def wrap_model(cfg: DictConfig, model: torch.nn.Module, data: FederatedData) -> torch.nn.Module:
     """The model a malicious server sends: with attack=imprint, an imprint block goes in front.
-    Its bins sit at brightness quantiles of the attacker's public data (the held-out test split)."""
+    Its bins sit at quantiles of a random linear measurement on the attacker's public data (the
+    held-out test split)."""
     if cfg.attack.name != "imprint":
         return model
     shape = data.input_shape
-    thresholds = brightness_thresholds(torch.from_numpy(data.x_test), cfg.attack.bins)
-    return ImprintedModel(model, ImprintBlock(shape, cfg.attack.bins, thresholds, seed=cfg.seed))
+    m = random_measurement(math.prod(shape), cfg.seed)
+    thresholds = measurement_thresholds(torch.from_numpy(data.x_test), cfg.attack.bins, m)
+    return ImprintedModel(model, ImprintBlock(shape, cfg.attack.bins, thresholds, measurement=m, seed=cfg.seed))
 
 
 def knowledge_fn(cfg: DictConfig, model: torch.nn.Module, data: FederatedData):

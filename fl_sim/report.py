@@ -54,7 +54,7 @@ def attacks_section(summary: dict) -> list[str]:
     out = ["## Attacks", ""]
     if cfg["name"] == "none":
         return out + ["No attack was configured (honest server).", ""]
-    out += [f"Attack `{cfg['name']}` by an {'malicious' if cfg['name'] == 'imprint' else 'honest-but-curious'} "
+    out += [f"Attack `{cfg['name']}` by {'a malicious' if cfg['name'] == 'imprint' else 'an honest-but-curious'} "
             f"server on clients {cfg['target_clients'] or 'all sampled'}; labels "
             f"{'known to the server' if cfg['labels_known'] else 'recovered by the attack'}. "
             "PSNR (dB) and SSIM on [0, 1] images after Hungarian matching of reconstructions to the client's "

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks import Knowledge, Observation, make_attack
-from attacks.imprint import ImprintBlock, ImprintedModel, brightness_thresholds
+from attacks.imprint import ImprintBlock, ImprintedModel, measurement_thresholds, random_measurement
 from attacks.labels import batch_labels, idlg_label
 from attacks.matching import UpdateSimulator, cosine_distance
 from fl_sim.data import load_digits
@@ -90,7 +90,8 @@ def test_idlg_fixes_the_recovered_label(digits):
 def test_imprint_recovers_a_batch_exactly(digits):
     x, y = digits
     torch.manual_seed(0)
-    block = ImprintBlock((1, 8, 8), num_bins=64, thresholds=brightness_thresholds(x[500:], 64))
+    m = random_measurement(64)
+    block = ImprintBlock((1, 8, 8), num_bins=64, thresholds=measurement_thresholds(x[500:], 64, m), measurement=m)
     model = ImprintedModel(build_model("mlp", (1, 8, 8), 10, hidden=(32,)), block)
     xb, yb = x[:8], y[:8]
     obs = fedsgd(model, xb, yb)

@@ -142,10 +142,12 @@ def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_p
 def test_malicious_imprint_server_recovers_client_examples_exactly(compose, tmp_path):
     """attack=imprint: the server sends a model with an imprint block; one local step per client (FedSGD)."""
     cfg = compose(TINY + ["attack=imprint", "attack.bins=1024", "attack.target_clients=[1]", "attack.rounds=[1]",
-                          "client.batch_size=1000", "num_rounds=1", "attack.workers=0"])
+                          "client.batch_size=1000", "num_rounds=3", "client.lr=0.5",
+                          "attack.workers=0"])
     s = run(cfg, tmp_path)
     (a,) = s["attacks"]
     assert a["attack"] == "imprint" and a["client"] == 1 and a["label_accuracy"] is None
     exact = sum(p > 50 for p in a["psnr_per_image"])  # recovered to float precision
     assert exact >= 0.3 * a["batch_size"], (exact, a["batch_size"])
-    assert s["rounds"][0]["test_accuracy"] > 0.2  # the clients' model still learns through the block
+    acc = [r["test_accuracy"] for r in s["rounds"]]
+    assert acc[2] > 0.4 and acc[2] > acc[0], acc  # the clients' model still learns through the block
