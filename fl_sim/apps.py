@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 from fl_sim.attacking import evaluate_outcome
 from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.models import build_model
+from fl_sim.privacy import PrivacyLedger
 from fl_sim.training import evaluate, local_train, resolve_device
+from defenses.accounting import calibrate_noise, epsilon
+from defenses.dpsgd import dp_local_train, make_dp_compatible, sample_rate, steps_per_epoch
+from defenses.mods import noise_mod, prune_mod, quantize_mod
+from fl_sim.training import make_optimizer
 from strategies import make_strategy
+from strategies.registry import with_central_dp
 from strategies.adversarial import AdversarialStrategy
 
 log = logging.getLogger("fl_sim")
@@ -66,7 +73,7 @@ _WORKSPACES: dict[tuple[str, str], Workspace] = {}
 
 
 def _data_key(cfg: DictConfig) -> str:
-    keys = ("dataset", "partition", "num_clients", "seed", "model", "attack", "device")  # all that shapes data/model
+    keys = ("dataset", "partition", "num_clients", "seed", "model", "attack", "defense", "device")  # shapes data/model
     return json.dumps({k: OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k]
                        for k in keys}, sort_keys=True)
 
@@ -79,6 +86,8 @@ def initial_model(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
                         hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+    if cfg.defense.dpsgd:  # every party uses the architecture Opacus can train (BatchNorm -> GroupNorm)
+        model, _ = make_dp_compatible(model)
     return wrap_model(cfg, model, data)
 
 
@@ -110,23 +119,104 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     cid = int(context.node_config["partition-id"])
     x, y = ws.client_tensors(cid)
     conf = msg.content["config"]
+    server_round = int(conf["server-round"])
     ws.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    gen = torch.Generator().manual_seed(round_seed(cfg.seed, int(conf["server-round"]), cid))
-    loss, steps = local_train(
-        ws.model, x, y,
-        epochs=int(conf["local-epochs"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),
-        optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
-        weight_decay=float(conf["weight-decay"]),
-        proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
-        generator=gen,
-    )
-    state = {k: v.detach().cpu() for k, v in ws.model.state_dict().items()}
+    gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
+    epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
+    records: dict[str, Any] = {}
+    if cfg.defense.dpsgd:
+        budget = DPBudget.load(context, cfg, len(x), epochs, batch_size)
+        steps_planned = epochs * steps_per_epoch(len(x), batch_size)
+        if budget.would_exceed(steps_planned):
+            # Out of budget: the client stays out of this and every later round.
+            records["privacy"] = budget.record(declined=True)
+            return Message(content=RecordDict({
+                "metrics": MetricRecord({"num-examples": len(x)}),
+                "client": ConfigRecord({"partition-id": cid, "steps": 0}), **records}), reply_to=msg)
+        state, loss, steps, _ = dp_local_train(
+            ws.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+            noise_multiplier=budget.noise_multiplier, max_grad_norm=float(cfg.defense.max_grad_norm),
+            make_optimizer=lambda params: make_optimizer(
+                str(conf["optimizer"]), params, lr, float(conf["momentum"]), float(conf["weight-decay"])),
+            grad_sample_mode=str(cfg.defense.grad_sample_mode), generator=gen)
+        budget.spend(server_round, steps)
+        budget.save(context)
+        records["privacy"] = budget.record(declined=False)
+    else:
+        loss, steps = local_train(
+            ws.model, x, y,
+            epochs=epochs, batch_size=batch_size, lr=lr,
+            optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
+            weight_decay=float(conf["weight-decay"]),
+            proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
+            generator=gen,
+        )
+        state = {k: v.detach().cpu() for k, v in ws.model.state_dict().items()}
     content = RecordDict({
         "arrays": ArrayRecord(state),
-        "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x)}),
+        "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x), "unit-weight": 1.0}),
         "client": ConfigRecord({"partition-id": cid, "steps": steps}),
+        **records,
     })
     return Message(content=content, reply_to=msg)
+
+
+@dataclass
+class DPBudget:
+    """A client's DP-SGD ledger, kept in its Flower ``context.state`` across rounds: the accountant
+    history ``[(σ, q, steps)]`` and the rounds it trained in. ε always composes the whole history."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    accountant: str
+    max_epsilon: float | None
+    history: list[tuple[float, float, int]]
+    rounds: list[int]
+
+    KEY = "dpsgd"
+
+    @classmethod
+    def load(cls, context: Context, cfg: DictConfig, n: int, epochs: int, batch_size: int) -> "DPBudget":
+        d = cfg.defense
+        q = sample_rate(n, batch_size)
+        if cls.KEY in context.state:
+            rec = context.state[cls.KEY]
+            sigma = float(rec["noise-multiplier"])
+            history = list(zip(map(float, rec["sigma"]), map(float, rec["q"]), map(int, rec["steps"])))
+            rounds = list(map(int, rec["rounds"]))
+        else:
+            sigma, history, rounds = float(d.noise_multiplier), [], []
+            if d.target_epsilon is not None:  # spend the target over every planned round (the worst case)
+                planned = cfg.num_rounds * epochs * steps_per_epoch(n, batch_size)
+                sigma = calibrate_noise(float(d.target_epsilon), float(d.delta), q, planned, str(d.accountant))
+        return cls(sigma, q, float(d.delta), str(d.accountant),
+                   None if d.max_epsilon is None else float(d.max_epsilon), history, rounds)
+
+    def epsilon(self, extra_steps: int = 0) -> float:
+        extra = [(self.noise_multiplier, self.sample_rate, extra_steps)] if extra_steps else []
+        return epsilon(self.history + extra, self.delta, self.accountant)
+
+    def would_exceed(self, steps: int) -> bool:
+        return self.max_epsilon is not None and self.epsilon(steps) > self.max_epsilon
+
+    def spend(self, server_round: int, steps: int) -> None:
+        self.history.append((self.noise_multiplier, self.sample_rate, int(steps)))
+        self.rounds.append(int(server_round))
+
+    def save(self, context: Context) -> None:
+        context.state[self.KEY] = ConfigRecord({
+            "noise-multiplier": self.noise_multiplier,
+            "sigma": [h[0] for h in self.history], "q": [h[1] for h in self.history],
+            "steps": [h[2] for h in self.history], "rounds": list(self.rounds)})
+
+    def record(self, declined: bool) -> ConfigRecord:
+        """What the client reports with its reply (for the run's privacy summary)."""
+        eps = self.epsilon()
+        return ConfigRecord({
+            "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: infinite (no noise)
+            "noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate,
+            "rounds": list(self.rounds) or [0], "declined": declined})
 
 
 def client_query(cfg: DictConfig, msg: Message, context: Context) -> Message:
@@ -144,7 +234,7 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
     get_cfg = cfg if callable(cfg) else (lambda _ctx, _c=OmegaConf.create(cfg): _c)
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[update_defenses_mod(get_cfg)])
     def _train(msg: Message, context: Context) -> Message:
         return client_train(get_cfg(context), msg, context)
 
@@ -153,6 +243,33 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
         return client_query(get_cfg(context), msg, context)
 
     return app
+
+
+def update_defenses_mod(get_cfg: Callable[[Context], DictConfig]):
+    """One Flower mod applying the configured update defenses (``defenses.mods``) in order:
+    prune, then quantize, then noise — the config is read per message (``flwr run`` knows it only then)."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        d = get_cfg(context).defense
+        chain = call_next
+        seed = get_cfg(context).seed
+        wanted = []
+        if d.noise:  # outermost: acts last
+            wanted.append(noise_mod(float(d.noise_std), lambda m, c: round_seed(
+                seed + 1, int(m.content["config"]["server-round"]), int(c.node_config["partition-id"]))))
+        if d.quantize:
+            wanted.append(quantize_mod(int(d.quantize_bits)))
+        if d.prune:
+            wanted.append(prune_mod(float(d.prune_ratio)))
+        if d.central_dp and d.central_side == "client":  # innermost: clip the update as trained
+            from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+            wanted.append(fixedclipping_mod if d.central_clipping == "fixed" else adaptiveclipping_mod)
+        for m in reversed(wanted):  # innermost first: prune acts right after training
+            chain = functools.partial(m, call_next=chain)
+        return chain(msg, context)
+
+    return mod
 
 
 # --------------------------------------------------------------------------- ServerApp
@@ -208,11 +325,20 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
     strategy = make_strategy(
         s.name, proximal_mu=s.proximal_mu, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2,
         tau=s.tau, server_learning_rate=s.server_learning_rate, server_momentum=s.server_momentum,
-        trim_beta=s.trim_beta, num_malicious_clients=s.num_malicious_clients)
+        trim_beta=s.trim_beta, num_malicious_clients=s.num_malicious_clients,
+        # user-level DP calibrates its noise to a plain mean: every client weighs the same
+        weighted_by_key="unit-weight" if cfg.defense.central_dp else "num-examples")
+    central = CentralDP(cfg) if cfg.defense.central_dp else None
+    if central is not None:
+        d = cfg.defense
+        strategy = with_central_dp(strategy, side=str(d.central_side), clipping=str(d.central_clipping),
+                                   noise_multiplier=float(d.central_noise_multiplier),
+                                   clipping_norm=float(d.clipping_norm), num_sampled_clients=central.num_sampled)
     node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
     client_of = {n: c for c, n in node_of.items()}
     if cfg.attack.name != "none":
         strategy = adversarial_server(cfg, strategy, ws, client_of)
+    ledger = privacy_ledger(cfg, ws)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
     x_test, y_test = ws.test_tensors()
@@ -230,10 +356,20 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
         if not ok:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        if ledger is not None:  # DP-SGD clients report their ε; those out of budget sent no model
+            for m in ok:
+                ledger.observe(rnd, client_of.get(m.metadata.src_node_id, -1), m.content["privacy"])
+            ok = [m for m in ok if not bool(m.content["privacy"]["declined"])]
         if isinstance(strategy, AdversarialStrategy):
             strategy.note_failures(rnd, sorted(failures))
         t_agg = time.perf_counter()
-        new_arrays, metrics = strategy.aggregate_train(rnd, ok)  # the adversarial server attacks in here
+        new_arrays, metrics = strategy.aggregate_train(rnd, ok) if ok else (None, None)  # attacks happen in here
+        if ledger is not None:
+            ledger.end_round(rnd)
+            recorder.privacy = ledger.summary()
+        if central is not None and ok:
+            central.released(rnd)
+            recorder.privacy = central.summary() if ledger is None else {**recorder.privacy, "central": central.summary()}
         attack_seconds = 0.0
         if isinstance(strategy, AdversarialStrategy):
             attack_seconds = time.perf_counter() - t_agg
@@ -248,10 +384,62 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
             test_loss=test_loss,
             test_accuracy=test_acc,
             clients=sampled,
+            trained=len(ok),  # replies aggregated (sampled minus failed minus out of DP budget)
             failures=len(failures),
             seconds=time.perf_counter() - t0,
             attack_seconds=attack_seconds,
         )
+
+
+class CentralDP:
+    """User-level DP of the released global models (Flower's DP wrappers add the noise). Each round
+    with updates is one Gaussian mechanism of noise multiplier z on the clipped sum, composed over the
+    rounds with Opacus' RDP accountant; no amplification by client sampling is claimed (as Flower's
+    accountant's "no-amplification"), so ε is an upper bound. Adaptive clipping also spends budget on
+    the clipped-count estimate (Andrew et al. 2021): its ε is not accounted here and reported as such."""
+
+    def __init__(self, cfg: DictConfig):
+        d, st = cfg.defense, cfg.strategy
+        self.z, self.delta = float(d.central_noise_multiplier), float(d.delta)
+        self.adaptive = d.central_clipping == "adaptive"
+        self.side, self.clipping_norm = str(d.central_side), float(d.clipping_norm)
+        self.num_sampled = min(cfg.num_clients, max(int(cfg.num_clients * st.fraction_train), st.min_train_clients))
+        self.rounds: list[int] = []
+        self.per_round: list[dict] = []
+
+    def released(self, server_round: int) -> None:
+        self.rounds.append(server_round)
+        eps = None if self.adaptive else epsilon([(self.z, 1.0, len(self.rounds))], self.delta, "rdp")
+        self.per_round.append({"round": server_round, "epsilon": eps if eps is None or math.isfinite(eps) else None,
+                               "infinite": eps is not None and not math.isfinite(eps)})
+
+    def summary(self) -> dict:
+        last = self.per_round[-1] if self.per_round else {"epsilon": None, "infinite": False}
+        return {
+            "mechanism": "central_dp", "accountant": None if self.adaptive else "rdp", "delta": self.delta,
+            "epsilon": last["epsilon"], "infinite": last["infinite"], "clients": {}, "max_epsilon": None,
+            "epsilon_per_round": self.per_round, "stopped": [], "model_changes": [],
+            "notes": [f"user-level DP of each client's whole update, {self.side}-side "
+                      f"{'adaptive' if self.adaptive else 'fixed'} clipping (norm {self.clipping_norm:g}"
+                      f"{' initially' if self.adaptive else ''}), noise multiplier {self.z:g} on the clipped sum of "
+                      f"{self.num_sampled} sampled clients (Flower's DP wrapper); ε composes the released rounds "
+                      "with no amplification by sampling (an upper bound)"
+                      + ("; ε not accounted: adaptive clipping's count noise is not modelled here" if self.adaptive else "")],
+        }
+
+
+def privacy_ledger(cfg: DictConfig, ws: Workspace) -> PrivacyLedger | None:
+    if not cfg.defense.dpsgd:
+        return None
+    base = build_model(cfg.model.name, ws.data.input_shape, ws.data.num_classes, width=cfg.model.width,
+                       hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+    d = cfg.defense
+    notes = ["sample-level (ε, δ)-DP of each client's examples, composed over every round the client trained in; "
+             f"Poisson sampling, noise multiplier {'calibrated to target ε ' + str(d.target_epsilon) + ' over ' + str(cfg.num_rounds) + ' rounds' if d.target_epsilon is not None else d.noise_multiplier}, "
+             f"clipping norm {d.max_grad_norm}, Opacus grad_sample_mode {d.grad_sample_mode}"]
+    return PrivacyLedger(mechanism="dpsgd", accountant=str(d.accountant), delta=float(d.delta),
+                         max_epsilon=None if d.max_epsilon is None else float(d.max_epsilon),
+                         model_changes=make_dp_compatible(base)[1], notes=notes)
 
 
 def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:

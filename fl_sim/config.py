@@ -93,9 +93,32 @@ class AttackConfig:
 
 @dataclass
 class DefenseConfig:
+    """Client-side defenses. Each ``conf/defense/<name>.yaml`` switches its flag on, so that
+    ``defense=[dpsgd,prune]`` stacks them; ``name`` is then rewritten to "dpsgd+prune"."""
+
     name: str = "none"
-    noise_multiplier: float = 0.0
+    dpsgd: bool = False  # sample-level DP-SGD (Opacus) in local training
+    central_dp: bool = False  # user-level DP: clipping + noise of client updates (Flower's DP wrappers)
+    prune: bool = False  # magnitude pruning of the update (client mod)
+    quantize: bool = False  # k-bit quantisation of the update (client mod)
+    noise: bool = False  # Gaussian noise on the update (client mod)
+    # dpsgd
+    noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
+    accountant: str = "rdp"  # rdp | prv (Opacus)
+    delta: float = 1e-5
+    target_epsilon: Optional[float] = None  # calibrate noise_multiplier to this ε over the planned rounds
+    max_epsilon: Optional[float] = None  # a client stops training once its next round would exceed it
+    grad_sample_mode: str = "hooks"  # hooks | functorch | ew | ghost (Opacus per-sample gradients)
+    # central_dp
+    central_side: str = "server"  # server: the server clips and adds noise; client: clients clip
+    central_clipping: str = "fixed"  # fixed | adaptive (Andrew et al. 2021)
+    central_noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # fixed clipping norm; the initial one with adaptive clipping
+    # prune / quantize / noise
+    prune_ratio: float = 0.5  # fraction of each layer's update set to zero (smallest magnitudes)
+    quantize_bits: int = 8
+    noise_std: float = 0.01
 
 
 @dataclass
@@ -168,6 +191,16 @@ OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint")
 
 
+DEFENSES = ("dpsgd", "central_dp", "prune", "quantize", "noise")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def active_defenses(cfg: Any) -> list[str]:
+    """The defenses switched on, in the order they act (training first, then the update)."""
+    return [d for d in DEFENSES if bool(cfg.defense[d])]
+
+
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -209,7 +242,7 @@ def validate(cfg: Any) -> None:
           "client.momentum=0 client.weight_decay=0 strategy.proximal_mu=0 (or choose attack=analytic/imprint)")
     _need(cfg.attack.name != "analytic" or cfg.model.name == "mlp",
           f"attack=analytic needs a model whose first layer is fully connected; use model=mlp (got model={cfg.model.name})")
-    _need(cfg.defense.name == "none", f"defense={cfg.defense.name} is not available yet; use defense=none")
+    validate_defense(cfg)
     _need(0.0 < cfg.dataset.test_fraction < 1.0,
           f"dataset.test_fraction must be in (0, 1) (got {cfg.dataset.test_fraction})")
     _need(cfg.dataset.max_examples is None or cfg.dataset.max_examples >= 2,
@@ -238,3 +271,42 @@ def validate(cfg: Any) -> None:
     _need(cfg.model.width >= 1, f"model.width must be at least 1 (got {cfg.model.width})")
     _need(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden),
           f"model.hidden must list positive layer sizes (got {list(cfg.model.hidden)})")
+
+
+def validate_defense(cfg: Any) -> None:
+    d = cfg.defense
+    on = active_defenses(cfg)
+    _need(d.name == "none" or on, f"defense={d.name} is not known; choose none or one or more of {', '.join(DEFENSES)}")
+    if "dpsgd" in on:
+        _need(d.noise_multiplier >= 0, f"defense.noise_multiplier must be >= 0 (got {d.noise_multiplier})")
+        _need(d.max_grad_norm > 0, f"defense.max_grad_norm must be > 0 (got {d.max_grad_norm})")
+        _choice("defense.accountant", d.accountant, ACCOUNTANTS)
+        _choice("defense.grad_sample_mode", d.grad_sample_mode, GRAD_SAMPLE_MODES)
+        _need(0 < d.delta < 1, f"defense.delta must be in (0, 1) (got {d.delta}); 1e-5 or below 1/examples is usual")
+        _need(d.target_epsilon is None or d.target_epsilon > 0,
+              f"defense.target_epsilon must be > 0 (got {d.target_epsilon})")
+        _need(d.max_epsilon is None or d.max_epsilon > 0, f"defense.max_epsilon must be > 0 (got {d.max_epsilon})")
+        _need(cfg.strategy.proximal_mu == 0,
+              "defense=dpsgd clips per-example gradients; the FedProx term is not per-example: "
+              "use strategy.proximal_mu=0 (or another strategy)")
+    if "central_dp" in on:
+        _choice("defense.central_side", d.central_side, ("server", "client"))
+        _choice("defense.central_clipping", d.central_clipping, ("fixed", "adaptive"))
+        _need(d.central_noise_multiplier >= 0,
+              f"defense.central_noise_multiplier must be >= 0 (got {d.central_noise_multiplier})")
+        _need(d.clipping_norm > 0, f"defense.clipping_norm must be > 0 (got {d.clipping_norm})")
+        _need(cfg.strategy.name in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm"),
+              f"defense=central_dp needs an averaging strategy (DP noise is calibrated to a mean); "
+              f"strategy={cfg.strategy.name} is not one")
+    if "prune" in on:
+        _need(0 <= d.prune_ratio < 1, f"defense.prune_ratio must be in [0, 1) (got {d.prune_ratio}); "
+                                      "it is the fraction of each layer's update set to zero")
+    if "quantize" in on:
+        _need(1 <= d.quantize_bits <= 16, f"defense.quantize_bits must be in 1..16 (got {d.quantize_bits})")
+    if "noise" in on:
+        _need(d.noise_std >= 0, f"defense.noise_std must be >= 0 (got {d.noise_std})")
+
+
+def defense_name(cfg: Any) -> str:
+    """"none", or the active defenses joined by "+" (the name of a stacked defense)."""
+    return "+".join(active_defenses(cfg)) or "none"

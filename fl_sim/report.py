@@ -40,10 +40,11 @@ def plot_training_curves(rounds: list[dict], path: Path) -> None:
 
 
 def rounds_table(rounds: list[dict]) -> str:
-    lines = ["| round | clients | train loss | test loss | test accuracy | seconds |",
+    lines = ["| round | clients (trained) | train loss | test loss | test accuracy | seconds |",
              "|---:|---:|---:|---:|---:|---:|"]
     for e in rounds:
-        lines.append(f"| {e['round']} | {len(e['clients'])} | {_fmt(e.get('train_loss'))} | "
+        trained = f" ({e['trained']})" if e.get("trained", len(e["clients"])) != len(e["clients"]) else ""
+        lines.append(f"| {e['round']} | {len(e['clients'])}{trained} | {_fmt(e.get('train_loss'))} | "
                      f"{_fmt(e['test_loss'])} | {_fmt(e['test_accuracy'])} | {_fmt(e['seconds'], 2)} |")
     return "\n".join(lines)
 
@@ -75,6 +76,31 @@ def attacks_section(summary: dict) -> list[str]:
         if a.get("picture"):
             out += [f"![round {a['round']} client {a['client']}]({a['picture']})", ""]
     return out
+
+
+def _eps(v, infinite=False):
+    return "∞" if infinite or v is None else f"{v:.3f}"
+
+
+def privacy_section(p: dict | None) -> list[str]:
+    out = ["## Privacy", ""]
+    if p is None:
+        return out + ["No differential privacy: ε = ∞.", ""]
+    out += [f"Mechanism `{p['mechanism']}`, accountant `{p['accountant']}`, δ = {p['delta']:g}; "
+            f"worst client ε = **{_eps(p['epsilon'], p['infinite'])}**"
+            + (f" (budget max_epsilon = {p['max_epsilon']:g})" if p.get("max_epsilon") is not None else "") + ".", ""]
+    out += [f"- {n}" for n in p.get("notes", [])] + [f"- model changed for DP: {c}" for c in p.get("model_changes", [])]
+    out += ["", "| round | ε (worst client so far) |", "|---:|---:|"]
+    out += [f"| {r['round']} | {_eps(r['epsilon'], r['infinite'] or r['epsilon'] is None)} |"
+            for r in p.get("epsilon_per_round", [])]
+    out += ["", "| client | ε | rounds trained | noise multiplier | sample rate |", "|---:|---:|---|---:|---:|"]
+    for c, v in p.get("clients", {}).items():
+        out.append(f"| {c} | {_eps(v['epsilon'])} | {', '.join(map(str, v['rounds']))} | {v['noise_multiplier']:.4g} | "
+                   f"{v['sample_rate']:.4g} |")
+    for st in p.get("stopped", []):
+        out.append(f"\nClient {st['client']} stopped training at round {st['round']}: its next round would have "
+                   f"exceeded max_epsilon (ε spent: {_eps(st['epsilon'])}); the run went on without it.")
+    return out + [""]
 
 
 def write_report(run_dir: Path, summary: dict) -> Path:
@@ -126,7 +152,7 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         for c in data["clients"]:
             out.append(f"| {c['client']} | {c['size']} | {' '.join(map(str, c['labels']))} |")
         out.append("")
-    out += ["## Privacy", "", "No privacy mechanism." if summary.get("privacy") is None else str(summary["privacy"]), ""]
+    out += privacy_section(summary.get("privacy"))
     out += attacks_section(summary)
     path = run_dir / "report.md"
     path.write_text("\n".join(out))

@@ -19,7 +19,7 @@ import fl_sim._quiet  # noqa: F401
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fl_sim.config import ConfigError, register_configs, validate
+from fl_sim.config import ConfigError, defense_name, register_configs, validate
 
 log = logging.getLogger("fl_sim")
 
@@ -96,6 +96,8 @@ class RunRecorder:
         self.rounds.append(entry)
         train = f"{entry['train_loss']:.4f}" if entry.get("train_loss") is not None else "n/a"
         fails = f"  failures {entry['failures']}" if entry.get("failures") else ""
+        if entry.get("trained") is not None and entry["trained"] != len(entry["clients"]) - entry.get("failures", 0):
+            fails += f"  trained {entry['trained']}"
         log.info("round %d/%d  clients %d  train_loss %s  test_loss %.4f  test_accuracy %.4f  (%.1f s)%s",
                  entry["round"], self.cfg.num_rounds, len(entry["clients"]), train, entry["test_loss"],
                  entry["test_accuracy"], entry["seconds"], fails)
@@ -199,6 +201,7 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     from fl_sim.models import num_parameters
 
     validate(cfg)
+    cfg.defense.name = defense_name(cfg)  # "dpsgd+prune" when stacked
     try:
         ws = workspace(cfg, "server")
     except ValueError as e:

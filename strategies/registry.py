@@ -35,6 +35,7 @@ def make_strategy(
     server_momentum: float = 0.0,
     trim_beta: float = 0.2,
     num_malicious_clients: int = 0,
+    weighted_by_key: str = "num-examples",
 ) -> Strategy:
     """Build the Flower strategy ``name`` that trains on every node it is handed.
 
@@ -44,7 +45,7 @@ def make_strategy(
     0.01
     """
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                  min_evaluate_nodes=0, min_available_nodes=0)
+                  min_evaluate_nodes=0, min_available_nodes=0, weighted_by_key=weighted_by_key)
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
@@ -62,3 +63,31 @@ def make_strategy(
     if name == "krum":
         return Krum(**common, num_malicious_nodes=num_malicious_clients)
     raise ValueError(f"strategy={name} is not known; choose one of {', '.join(STRATEGIES)}")
+
+
+def with_central_dp(
+    strategy: Strategy,
+    *,
+    side: str,
+    clipping: str,
+    noise_multiplier: float,
+    clipping_norm: float,
+    num_sampled_clients: int,
+) -> Strategy:
+    """Wrap ``strategy`` in Flower's user-level DP wrapper (McMahan et al. 2018; adaptive clipping:
+    Andrew et al. 2021). ``side="client"`` needs the matching Flower client mod
+    (``fixedclipping_mod`` / ``adaptiveclipping_mod``) on the clients."""
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideAdaptiveClipping,
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideAdaptiveClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    if clipping == "fixed":
+        cls = DifferentialPrivacyServerSideFixedClipping if side == "server" else DifferentialPrivacyClientSideFixedClipping
+        return cls(strategy, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+                   num_sampled_clients=num_sampled_clients)
+    cls = DifferentialPrivacyServerSideAdaptiveClipping if side == "server" else DifferentialPrivacyClientSideAdaptiveClipping
+    return cls(strategy, noise_multiplier=noise_multiplier, num_sampled_clients=num_sampled_clients,
+               initial_clipping_norm=clipping_norm)

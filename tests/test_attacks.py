@@ -9,16 +9,9 @@ from attacks import Knowledge, Observation, make_attack
 from attacks.imprint import ImprintBlock, ImprintedModel, measurement_thresholds, random_measurement
 from attacks.labels import batch_labels, idlg_label
 from attacks.matching import UpdateSimulator, cosine_distance
-from fl_sim.data import load_digits
 from fl_sim.metrics import score
 from fl_sim.models import build_model
 from fl_sim.training import local_train
-
-
-@pytest.fixture(scope="module")
-def digits():
-    x, y = load_digits()
-    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def fedsgd(model, x, y):

@@ -24,6 +24,7 @@ def test_default_config_is_cnn_on_mnist_10_clients_3_rounds_with_a_short_attack(
     ("partition", ["iid", "dirichlet", "pathological"]),
     ("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]),
     ("attack", ["none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint"]),
+    ("defense", ["none", "dpsgd", "central_dp", "prune", "quantize", "noise"]),
 ])
 def test_every_documented_group_option_composes(compose, group, options):
     for opt in options:
@@ -48,10 +49,26 @@ def test_every_documented_group_option_composes(compose, group, options):
     ("attack.iterations=0", "attack.iterations must be at least 1"),
     ("attack.workers=-1", "attack.workers must be >= 0"),
     ("attack=analytic", "attack=analytic needs a model whose first layer is fully connected; use model=mlp"),
+    ("defense=prune defense.prune_ratio=1.0", r"defense.prune_ratio must be in \[0, 1\)"),
+    ("defense=[dpsgd,prune] defense.accountant=gdp", "defense.accountant='gdp' is not known"),
+    ("defense=dpsgd defense.delta=0", r"defense.delta must be in \(0, 1\)"),
+    ("defense=dpsgd defense.grad_sample_mode=fast", "defense.grad_sample_mode='fast' is not known"),
+    ("defense=dpsgd attack=none strategy=fedprox strategy.proximal_mu=0.1", "use strategy.proximal_mu=0"),
+    ("defense=quantize defense.quantize_bits=0", "defense.quantize_bits must be in 1..16"),
+    ("defense=central_dp strategy=krum", "defense=central_dp needs an averaging strategy"),
 ])
 def test_bad_value_gives_error_naming_the_key(compose, override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose([override]))
+        validate(compose(override.split()))
+
+
+def test_defenses_stack_and_name_themselves(compose):
+    from fl_sim.config import active_defenses, defense_name
+
+    cfg = compose(["defense=[prune,dpsgd]", "defense.prune_ratio=0.2"])
+    assert active_defenses(cfg) == ["dpsgd", "prune"] and defense_name(cfg) == "dpsgd+prune"
+    assert cfg.defense.prune_ratio == 0.2 and cfg.defense.noise_multiplier == 1.0
+    assert defense_name(compose([])) == "none"
 
 
 @pytest.mark.parametrize("override,fragment", [

@@ -151,3 +151,54 @@ def test_malicious_imprint_server_recovers_client_examples_exactly(compose, tmp_
     assert exact >= 0.3 * a["batch_size"], (exact, a["batch_size"])
     acc = [r["test_accuracy"] for r in s["rounds"]]
     assert acc[2] > 0.4 and acc[2] > acc[0], acc  # the clients' model still learns through the block
+
+
+def test_dpsgd_budget_composes_over_rounds_and_stops_clients_at_max_epsilon(compose, tmp_path):
+    """Each client's accountant history lives in its Flower context across rounds: ε after round 2
+    composes both rounds; with max_epsilon between the 2- and 3-round ε, every client stops at round 3."""
+    import math
+
+    from defenses.accounting import epsilon
+
+    cfg = compose(TINY + ["num_rounds=3", "defense=[dpsgd,prune]", "defense.max_epsilon=3.7", "client.batch_size=32"])
+    s = run(cfg, tmp_path)
+    p = s["privacy"]
+    assert s["config"]["defense"]["name"] == "dpsgd+prune" and p["mechanism"] == "dpsgd" and p["delta"] == 1e-5
+    eps_by_rounds = {}
+    for c in s["data"]["clients"]:
+        steps = math.ceil(c["size"] / 32)
+        one = (1.0, 1 / steps, steps)
+        eps_by_rounds[c["client"]] = [epsilon([one] * k, 1e-5) for k in (1, 2, 3)]
+        assert eps_by_rounds[c["client"]][1] < 3.7 < eps_by_rounds[c["client"]][2]  # the test's premise
+        reported = p["clients"][str(c["client"])]
+        assert reported["rounds"] == [1, 2]
+        assert reported["epsilon"] == pytest.approx(eps_by_rounds[c["client"]][1], rel=1e-6)
+    per_round = [r["epsilon"] for r in p["epsilon_per_round"]]
+    assert per_round[0] == pytest.approx(max(e[0] for e in eps_by_rounds.values()), rel=1e-6)
+    assert per_round[1] > per_round[0] and per_round[2] == per_round[1]
+    assert sorted(st["client"] for st in p["stopped"]) == [0, 1, 2] and {st["round"] for st in p["stopped"]} == {3}
+    assert [r["trained"] for r in s["rounds"]] == [3, 3, 0]
+    assert s["rounds"][2]["test_accuracy"] == s["rounds"][1]["test_accuracy"]  # nobody trained: model unchanged
+    report = (tmp_path / "report.md").read_text()
+    assert "stopped training at round 3" in report and "| 2 | 3.4" in report
+
+
+def test_central_dp_through_flowers_wrappers_reports_flowers_epsilon(compose, tmp_path):
+    """Client-side clipping (Flower's fixedclipping_mod in our mod chain, with quantisation), noise added
+    by Flower's DifferentialPrivacyClientSideFixedClipping; ε equals Flower's own RDP accountant's."""
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod)
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    cfg = compose(TINY + ["num_clients=4", "defense=[central_dp,quantize]", "defense.central_side=client",
+                          "defense.central_noise_multiplier=2.0", "defense.clipping_norm=5"])
+    s = run(cfg, tmp_path)
+    p = s["privacy"]
+    assert s["status"] == "completed" and p["mechanism"] == "central_dp" and len(p["epsilon_per_round"]) == 2
+    flower = RdpAccountant(PrivacyConfig(target_delta=1e-5, population_size=4,
+                                         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                         sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    for r in p["epsilon_per_round"]:
+        flower.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=4, population_size=4))
+        assert r["epsilon"] == pytest.approx(flower.get_epsilon(1e-5), rel=1e-9)
+    assert p["epsilon_per_round"][1]["epsilon"] > p["epsilon_per_round"][0]["epsilon"]
