@@ -18,6 +18,7 @@ from fl_sim.config import ConfigError, register_configs
 log = logging.getLogger("fl_sim")
 register_configs()
 _failed_jobs: list[str] = []  # runs of a sweep that failed (a sweep goes on, then exits non-zero)
+_sweep_dir: list[str] = []  # the sweep folder of a multirun (for the report across runs at the end)
 
 
 def _print_rounds(summary: dict) -> None:
@@ -37,6 +38,8 @@ def _app(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweeping and not _sweep_dir:
+        _sweep_dir.append(str(HydraConfig.get().sweep.dir))
     try:
         summary = run(cfg, run_dir)
     except ConfigError as e:
@@ -101,6 +104,13 @@ def main() -> None:
                   file=sys.stderr)
             sys.exit(2)
     _app()
+    if _sweep_dir:
+        from fl_sim.sweep_report import write_sweep_report
+
+        try:
+            print(f"sweep report: {write_sweep_report(Path(_sweep_dir[0])).resolve()}")
+        except Exception as e:  # noqa: BLE001 - the sweep's own outcome decides the exit code
+            print(f"fl-sim: warning: no sweep report ({e})", file=sys.stderr)
     if _failed_jobs:
         print(f"fl-sim: {len(_failed_jobs)} run(s) of the sweep failed: {', '.join(_failed_jobs)}", file=sys.stderr)
         sys.exit(1)

@@ -13,8 +13,8 @@ writes into the sweep directory:
 How each number is made (nothing else is computed):
 
 - ε of a run: the worst client's ε(δ) — each client's guarantee composed over every round it trained
-  (``privacy.max_epsilon``, else the max over ``privacy.clients``). No privacy mechanism (``privacy``
-  null) or a mechanism without noise: ε = ∞.
+  (``privacy.epsilon``, ``privacy.infinite``; see ``fl_sim.privacy``). No privacy mechanism (``privacy``
+  null) or a mechanism without noise: ε = ∞. Not accounted (central DP with adaptive clipping): no number.
 - final test accuracy: the global model's accuracy on the held-out test split after the last round.
 - PSNR / SSIM / label accuracy: the mean over the run's attack entries (one entry = one attacked client
   in one round; its value is already the mean over that client's batch, after Hungarian matching).
@@ -226,27 +226,33 @@ def parameter_value(run: Run, key: str) -> Any:
 
 # ---------------------------------------------------------------- numbers of one run
 def _as_epsilon(v: Any) -> float | None:
-    """ε from JSON: a number; null, "inf", "Infinity" or a JSON Infinity are ∞."""
-    if v is None:
-        return math.inf
+    """ε from JSON: a number, or "inf"/"Infinity"/a JSON Infinity for ∞; None when it is not a number."""
     if isinstance(v, str):
         try:
             v = float(v)
         except ValueError:
             return None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return math.inf if math.isnan(v) else float(v)
+        return None if math.isnan(v) else float(v)
     return None
 
 
 def epsilon_of(privacy: dict | None) -> float | None:
-    """The run's ε: the worst client's (∞ without a privacy mechanism; None if it cannot be told)."""
+    """The run's ε — the worst client's, as ``summary.json``'s ``privacy`` reports it (``fl_sim.privacy``):
+    ∞ without a privacy mechanism (``privacy`` null) or when ``infinite`` (a client trained without noise);
+    None when it was not accounted (e.g. central DP with adaptive clipping) or no client trained.
+
+    ``privacy.max_epsilon`` is the configured budget, not a spent ε: it is never read as one. Without a
+    top-level ``epsilon`` the worst of ``privacy.clients`` is taken, a client's null ε meaning ∞ (the JSON
+    of an infinite ε)."""
     if privacy is None:
         return math.inf
-    if "max_epsilon" in privacy:
-        return _as_epsilon(privacy["max_epsilon"])
-    clients = privacy.get("clients") or {}
-    values = [_as_epsilon(c.get("epsilon") if isinstance(c, dict) else c) for c in clients.values()]
+    if privacy.get("infinite"):
+        return math.inf
+    if "epsilon" in privacy:
+        return _as_epsilon(privacy["epsilon"])
+    clients = [c.get("epsilon") if isinstance(c, dict) else c for c in (privacy.get("clients") or {}).values()]
+    values = [math.inf if e is None else _as_epsilon(e) for e in clients]
     values = [v for v in values if v is not None]
     return max(values) if values else None
 
@@ -278,6 +284,10 @@ def run_row(run: Run, params: Sequence[str]) -> dict:
         "accountant": privacy.get("accountant") if isinstance(privacy, dict) else None,
         "delta": privacy.get("delta") if isinstance(privacy, dict) else None,
         "epsilon": epsilon_of(privacy) if completed else None,  # a failed run's numbers are not results
+        "epsilon_budget": privacy.get("max_epsilon") if isinstance(privacy, dict) else None,
+        "clients_stopped": len(privacy.get("stopped") or []) if isinstance(privacy, dict) else 0,
+        "central_epsilon": epsilon_of(privacy["central"]) if (completed and isinstance(privacy, dict)
+                                                               and isinstance(privacy.get("central"), dict)) else None,
         "final_round": last.get("round") if (completed and last) else None,
         "final_test_accuracy": last.get("test_accuracy") if (completed and last) else None,
         "attack": attack_cfg.get("name"),
@@ -618,6 +628,12 @@ def runs_table(rows: Sequence[dict], params: Sequence[str], delta: Any) -> str:
         if r["status"] == "completed" and r["mechanism"] is None and r["epsilon"] is not None \
                 and math.isinf(r["epsilon"]):
             eps = "∞ (no DP)"
+        elif r["status"] == "completed" and r["epsilon"] is None:
+            eps = "not accounted"
+        if r["central_epsilon"] is not None:
+            eps += f"; central DP {_fmt_eps(r['central_epsilon'])}"
+        if r["clients_stopped"]:
+            eps += f" (budget {_fmt_param(r['epsilon_budget'])}: {r['clients_stopped']} client(s) stopped)"
         if r["status"] != "completed":
             label_acc, attacks = "—", "—"
         elif r["labels_known"] and r["label_accuracy_mean"] is None and r["attack_entries"]:

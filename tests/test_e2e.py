@@ -202,3 +202,19 @@ def test_central_dp_through_flowers_wrappers_reports_flowers_epsilon(compose, tm
         flower.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=4, population_size=4))
         assert r["epsilon"] == pytest.approx(flower.get_epsilon(1e-5), rel=1e-9)
     assert p["epsilon_per_round"][1]["epsilon"] > p["epsilon_per_round"][0]["epsilon"]
+
+
+def test_cli_sweep_over_dp_noise_ends_with_a_report_across_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "fl_sim", "-m", *TINY, "num_rounds=1", "defense=dpsgd",
+                        "defense.noise_multiplier=0,1.0", f"hydra.sweep.dir={sweep}"],
+                       capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"sweep report: {(sweep / 'sweep_report.md').resolve()}" in p.stdout
+    runs = json.loads((sweep / "sweep.json").read_text())["runs"]
+    eps = {r["params"]["defense.noise_multiplier"]: r["epsilon"] for r in runs}
+    summaries = {float(json.loads((sweep / d / "summary.json").read_text())["config"]["defense"]["noise_multiplier"]):
+                 json.loads((sweep / d / "summary.json").read_text())["privacy"]["epsilon"] for d in ("0", "1")}
+    assert summaries[0.0] is None and summaries[1.0] > 0  # σ 0: ε infinite (null in summary.json)
+    assert eps == {0.0: "inf", 1.0: summaries[1.0]}
+    assert (sweep / "sweep_epsilon.png").stat().st_size > 1000

@@ -6,6 +6,7 @@ import math
 import pytest
 import yaml
 
+from fl_sim.privacy import PrivacyLedger
 from fl_sim.sweep_report import (
     EPSILON_PLOT,
     JSON_NAME,
@@ -31,10 +32,17 @@ def _config(noise: float, seed: int = 0, defense: str = "dpsgd") -> dict:
     }
 
 
-def _privacy(epsilons: dict) -> dict:
-    return {"mechanism": "dpsgd", "accountant": "rdp", "delta": DELTA,
-            "clients": {c: {"epsilon": e, "rounds": [1, 2]} for c, e in epsilons.items()},
-            "max_epsilon": max((math.inf if e in (None, "inf") else e) for e in epsilons.values())}
+def _privacy(epsilons: dict, budget=None, stopped=()) -> dict:
+    """``summary.json``'s privacy as the real ledger writes it; an ε of math.inf is a client without noise."""
+    ledger = PrivacyLedger(mechanism="dpsgd", accountant="rdp", delta=DELTA, max_epsilon=budget)
+    for c, e in epsilons.items():
+        ledger.observe(2, int(c), {"epsilon": -1.0 if math.isinf(e) else e, "declined": False, "rounds": [1, 2],
+                                   "noise-multiplier": 1.0, "sample-rate": 0.1})
+    for c in stopped:
+        ledger.observe(2, int(c), {"epsilon": 1.0, "declined": True, "rounds": [1], "noise-multiplier": 1.0,
+                                   "sample-rate": 0.1})
+    ledger.end_round(2)
+    return json.loads(json.dumps(ledger.summary()))
 
 
 def _attack(rnd: int, psnr, ssim=0.3, label_accuracy=0.5, error=None) -> dict:
@@ -69,22 +77,22 @@ TASK = ["defense=dpsgd", "defense.noise_multiplier=0,0.5,1.0,2.0", "attack=inver
 
 @pytest.fixture
 def sweep(tmp_path):
-    """Four jobs of `fl-sim -m defense=dpsgd defense.noise_multiplier=0,0.5,1.0,2.0 ...`: σ = 0 (ε = ∞,
-    JSON string "inf"), σ = 0.5 (ε 40, one failed attack), σ = 1 (ε 2.5, ε of client 1 larger), σ = 2 failed."""
+    """Four jobs of `fl-sim -m defense=dpsgd defense.noise_multiplier=0,0.5,1.0,2.0 ...`: σ = 0 (ε = ∞),
+    σ = 0.5 (ε 40, one failed attack), σ = 1 (ε 2.5, ε of client 1 larger, a budget of 3), σ = 2 failed."""
     d = tmp_path / "multirun" / "08-00-00"
     d.mkdir(parents=True)
     (d / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"hydra": ["hydra.mode=MULTIRUN"],
                                                                              "task": TASK}}}))
     base = ["defense=dpsgd", "attack=inverting_gradients"]
     _write_run(d, "0", _summary(_config(0.0), (0.6, 0.9), [_attack(1, 30.0), _attack(2, 34.0)],
-                                {**_privacy({"0": "inf", "1": "inf"}), "max_epsilon": "inf"}),
+                                _privacy({"0": math.inf, "1": math.inf})),
                base + ["defense.noise_multiplier=0"])
     _write_run(d, "1", _summary(_config(0.5), (0.5, 0.8), [_attack(1, 10.0, 0.2, 0.25), _attack(2, 14.0, 0.4, 0.75),
                                                            _attack(2, None, error="RuntimeError: diverged")],
                                 _privacy({"0": 38.0, "1": 40.0})),
                base + ["defense.noise_multiplier=0.5"])
     _write_run(d, "2", _summary(_config(1.0), (0.4, 0.7), [_attack(1, 8.0), _attack(2, 9.0)],
-                                _privacy({"0": 2.0, "1": 2.5})),
+                                _privacy({"0": 2.0, "1": 2.5}, budget=3.0)),
                base + ["defense.noise_multiplier=1.0"])
     _write_run(d, "3", _summary(_config(2.0), (0.3,), [], None, status="failed",
                                 error="RuntimeError: the simulation ended after 1 of 2 rounds"),
@@ -104,7 +112,7 @@ def test_table_holds_worst_client_epsilon_final_accuracy_and_mean_psnr_per_run(s
     assert [rows[r]["params"]["defense.noise_multiplier"] for r in "0123"] == [0.0, 0.5, 1.0, 2.0]
     assert rows["0"]["epsilon"] == "inf"                       # σ = 0: no guarantee, ∞ written as "inf"
     assert rows["1"]["epsilon"] == pytest.approx(40.0)          # the worst client, not client 0
-    assert rows["2"]["epsilon"] == pytest.approx(2.5)
+    assert rows["2"]["epsilon"] == pytest.approx(2.5)          # not the budget max_epsilon = 3
     assert rows["2"]["delta"] == DELTA and rows["2"]["accountant"] == "rdp"
     assert rows["1"]["final_test_accuracy"] == pytest.approx(0.8)  # the last round, not the best or the mean
     assert rows["1"]["psnr_mean"] == pytest.approx(12.0, abs=1e-9)  # the failed attack entry is not scored
@@ -155,10 +163,25 @@ def test_no_privacy_mechanism_is_infinite_epsilon_marked_no_dp(tmp_path):
     assert rows["0"]["epsilon"] == "inf" and rows["0"]["mechanism"] is None
     assert "| 0 | none | 0 | completed | ∞ (no DP) |" in md  # no multirun.yaml: swept keys found by config diff
     assert json.loads((d / JSON_NAME).read_text())["swept"] == ["defense.name"]
+
+def test_epsilon_is_the_worst_clients_and_infinite_without_noise_or_mechanism():
     assert epsilon_of(None) == math.inf
-    assert epsilon_of({"max_epsilon": None, "clients": {}}) == math.inf
-    assert epsilon_of({"clients": {"0": {"epsilon": 1.5}, "1": {"epsilon": "inf"}}}) == math.inf
-    assert epsilon_of({"clients": {"0": {"epsilon": 1.5}, "1": {"epsilon": 0.5}}}) == 1.5
+    assert epsilon_of(_privacy({"0": 1.5, "1": 0.5})) == 1.5
+    assert epsilon_of(_privacy({"0": 1.5, "1": math.inf})) == math.inf      # JSON: epsilon null, infinite true
+    assert epsilon_of(_privacy({"0": 1.5}, budget=10.0)) == 1.5             # max_epsilon is the budget
+    assert epsilon_of({"clients": {"0": {"epsilon": 1.5}, "1": {"epsilon": None}}}) == math.inf
+    assert epsilon_of({"mechanism": "central_dp", "accountant": None, "epsilon": None, "infinite": False,
+                       "clients": {}}) is None                              # adaptive clipping: not accounted
+
+
+def test_clients_stopped_by_the_budget_are_stated(tmp_path):
+    d = tmp_path / "sweep"
+    _write_run(d, "0", _summary(_config(1.0), privacy=_privacy({"0": 2.9}, budget=3.0, stopped=[1])),
+               ["defense.max_epsilon=3"])
+    md = write_sweep_report(d).read_text()
+    row = _rows(d)["0"]
+    assert (row["epsilon"], row["epsilon_budget"], row["clients_stopped"]) == (2.9, 3.0, 1)
+    assert "| 2.9 (budget 3: 1 client(s) stopped) |" in md
 
 
 def test_job_that_left_no_summary_is_listed_as_failed_and_all_infinite_epsilon_draws_no_epsilon_picture(tmp_path):
