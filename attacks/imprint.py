@@ -33,12 +33,14 @@ class ImprintBlock(nn.Module):
     linear measurement; a random direction separates examples better than mean brightness, which ties
     on images with few grey levels). ``thresholds`` are quantiles of that measurement on the server's
     public data (``measurement_thresholds``). ``gain`` scales the first layer down and the second up by
-    the same amount: the model computes the same function, but the update of the first layer becomes
-    large relative to its weights, so it survives the float32 subtraction ``before - after`` a server
-    sees (with gain 1 the update of a large batch drowns in rounding)."""
+    the same amount: the model computes the same function, but the update of the first layer grows
+    with the second layer's scale, so it survives the float32 subtraction ``before - after`` a server
+    sees and SecAgg+'s quantisation of the aggregate (step 16 / 2^22 with Flower's defaults). Measured
+    on 3 x 479 digits, 1024 bins: gain 1 recovers 8 examples exactly from one client, 1e-3 214 (but 0
+    from a SecAgg+ aggregate), 1e-7 212 from one client and 244 from the quantised aggregate."""
 
     def __init__(self, input_shape: tuple[int, ...], num_bins: int, thresholds: torch.Tensor | None = None,
-                 measurement: torch.Tensor | None = None, seed: int = 0, gain: float = 1e-3,
+                 measurement: torch.Tensor | None = None, seed: int = 0, gain: float = 1e-7,
                  strength: float = 1e-2):
         super().__init__()
         self.input_shape = tuple(input_shape)

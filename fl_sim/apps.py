@@ -28,7 +28,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fl_sim.attacking import evaluate_outcome
+from attacks.base import Knowledge
+from fl_sim.attacking import evaluate_outcome, malicious_rewrite
 from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.models import build_model
 from fl_sim.privacy import PrivacyLedger
@@ -112,6 +113,20 @@ def round_seed(seed: int, server_round: int, cid: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, cid]).generate_state(1)[0])
 
 
+class ClientDropout(RuntimeError):
+    """A simulated client that goes offline after receiving the round's model (``client.dropout``)."""
+
+
+def drops_out(seed: int, server_round: int, cid: int, probability: float) -> bool:
+    """Whether client ``cid`` drops out of ``server_round`` (seeded: the same in every run)."""
+    return probability > 0 and np.random.default_rng([seed, server_round, cid, 0xD0]).random() < probability
+
+
+def _maybe_drop_out(cfg: DictConfig, server_round: int, cid: int) -> None:
+    if drops_out(cfg.seed, server_round, cid, float(cfg.client.dropout)):
+        raise ClientDropout(f"client {cid} dropped out of round {server_round} (client.dropout={cfg.client.dropout})")
+
+
 # --------------------------------------------------------------------------- ClientApp
 
 def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
@@ -120,6 +135,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     x, y = ws.client_tensors(cid)
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
+    _maybe_drop_out(cfg, server_round, cid)
     ws.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
@@ -143,15 +159,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
         budget.save(context)
         records["privacy"] = budget.record(declined=False)
     else:
-        loss, steps = local_train(
-            ws.model, x, y,
-            epochs=epochs, batch_size=batch_size, lr=lr,
-            optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
-            weight_decay=float(conf["weight-decay"]),
-            proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
-            generator=gen,
-        )
-        state = {k: v.detach().cpu() for k, v in ws.model.state_dict().items()}
+        state, loss, steps = _plain_train(ws.model, x, y, conf, gen)
     content = RecordDict({
         "arrays": ArrayRecord(state),
         "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x), "unit-weight": 1.0}),
@@ -159,6 +167,39 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
         **records,
     })
     return Message(content=content, reply_to=msg)
+
+
+def _plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator):
+    """Local training with the hyper-parameters the server sent (``conf``: its train config)."""
+    loss, steps = local_train(
+        model, x, y,
+        epochs=int(conf["local-epochs"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),
+        optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
+        weight_decay=float(conf["weight-decay"]),
+        proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
+        generator=gen,
+    )
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, steps
+
+
+def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Message:
+    """The same local training for Flower's legacy message format (FitIns -> FitRes), which the
+    SecAgg+ protocol (``secaggplus_mod``) speaks."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    ws = workspace(cfg, "client")
+    cid = int(context.node_config["partition-id"])
+    x, y = ws.client_tensors(cid)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    _maybe_drop_out(cfg, int(fitins.config["server-round"]), cid)  # mid-protocol: after SecAgg+'s key sharing
+    keys = list(ws.model.state_dict().keys())
+    ws.model.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
+    gen = torch.Generator().manual_seed(round_seed(cfg.seed, int(fitins.config["server-round"]), cid))
+    state, loss, steps = _plain_train(ws.model, x, y, fitins.config, gen)
+    res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([state[k].numpy() for k in keys]), len(x),
+                 {"train_loss": float(loss), "partition-id": cid, "steps": steps})
+    return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
 @dataclass
@@ -234,15 +275,29 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
     get_cfg = cfg if callable(cfg) else (lambda _ctx, _c=OmegaConf.create(cfg): _c)
     app = ClientApp()
 
-    @app.train(mods=[update_defenses_mod(get_cfg)])
+    @app.train(mods=[secagg_mod(get_cfg), update_defenses_mod(get_cfg)])
     def _train(msg: Message, context: Context) -> Message:
-        return client_train(get_cfg(context), msg, context)
+        cfg = get_cfg(context)
+        return (client_train_legacy if cfg.defense.secagg else client_train)(cfg, msg, context)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
         return client_query(get_cfg(context), msg, context)
 
     return app
+
+
+def secagg_mod(get_cfg: Callable[[Context], DictConfig]):
+    """Flower's ``secaggplus_mod`` when ``defense=secagg`` (outermost: it masks the final update)."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        if not get_cfg(context).defense.secagg:
+            return call_next(msg, context)
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+
+    return mod
 
 
 def update_defenses_mod(get_cfg: Callable[[Context], DictConfig]):
@@ -318,8 +373,10 @@ def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float, 
     return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
-def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
+def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None = None) -> None:
     """The training loop of one run: sample, send, aggregate (Flower strategy), evaluate, record."""
+    if cfg.defense.secagg:
+        return server_main_secagg(cfg, grid, context, recorder)
     ws = workspace(cfg, "server")
     s = cfg.strategy
     strategy = make_strategy(
@@ -341,6 +398,7 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
     ledger = privacy_ledger(cfg, ws)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
+    rewrite = malicious_rewrite(cfg, arrays.to_torch_state_dict())
     x_test, y_test = ws.test_tensors()
     recorder.started()
     for rnd in range(1, cfg.num_rounds + 1):
@@ -375,7 +433,7 @@ def server_main(cfg: DictConfig, grid: Grid, recorder) -> None:
             attack_seconds = time.perf_counter() - t_agg
             score_attacks(strategy, cfg, ws, recorder)
         if new_arrays is not None:
-            arrays = new_arrays
+            arrays = new_arrays if rewrite is None else ArrayRecord(rewrite(new_arrays.to_torch_state_dict()))
         ws.model.load_state_dict(arrays.to_torch_state_dict())
         test_loss, test_acc = evaluate(ws.model, x_test, y_test, cfg.eval_batch_size)
         recorder.round(
@@ -428,6 +486,94 @@ class CentralDP:
         }
 
 
+def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) -> None:
+    """The same run under Flower's SecAgg+ (legacy workflow): the server only ever holds the
+    aggregate of the sampled clients' models, and that is what an adversarial server attacks."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    from attacks.base import Observation
+    from fl_sim.attacking import attack_from_config
+    from strategies.adversarial import AttackJob
+    from strategies.secure_aggregation import ObservedFedAvg
+
+    ws = workspace(cfg, "server")
+    d, s = cfg.defense, cfg.strategy
+    node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
+    client_of = {n: c for c, n in node_of.items()}
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
+    init = initial_model(cfg, ws.data)
+    keys = list(init.state_dict().keys())
+    attack = attack_from_config(cfg.attack) if cfg.attack.name != "none" else None
+    executor = attack_executor(cfg) if attack is not None else None
+    x_test, y_test = ws.test_tensors()
+    rounds: dict[int, dict] = {}
+
+    def sample(rnd: int) -> list[int]:
+        sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
+        rounds[rnd] = {"t0": time.perf_counter(), "clients": sampled, "trained": 0, "train_loss": None,
+                       "attack_seconds": 0.0}
+        return [node_of[c] for c in sampled]
+
+    def observe(rnd: int, nodes: list[int], sent: list, aggregate: list, results: list) -> None:
+        clients = sorted(client_of[n] for n in nodes)
+        n_total = sum(int(r.num_examples) for r in results)
+        rounds[rnd].update(trained=len(results), train_loss=sum(
+            float(r.metrics["train_loss"]) * int(r.num_examples) for r in results) / max(n_total, 1))
+        if attack is None or (cfg.attack.rounds and rnd not in cfg.attack.rounds):
+            return
+        t = time.perf_counter()
+        before = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, sent)}
+        after = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, aggregate)}
+        c = train_config(cfg, rnd)
+        know = Knowledge(model=initial_model(cfg, ws.data), input_shape=ws.data.input_shape,
+                         num_classes=ws.data.num_classes, lr=float(c["lr"]), local_epochs=int(c["local-epochs"]),
+                         batch_size=int(c["batch-size"]), num_examples=n_total,
+                         mean=tuple(ws.data.mean.tolist()), std=tuple(ws.data.std.tolist()))
+        job = AttackJob(rnd, clients, "aggregate", Observation(before, after, kind="aggregate"), know)
+        for outcome in executor(attack, [job]):
+            recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
+        rounds[rnd]["attack_seconds"] = time.perf_counter() - t
+
+    rewrite = malicious_rewrite(cfg, init.state_dict())
+
+    def as_sent(ndarrays: list) -> dict[str, torch.Tensor]:
+        state = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, ndarrays)}
+        return state if rewrite is None else rewrite(state)
+
+    def evaluate_fn(rnd: int, ndarrays: list, _config: dict):
+        if rnd == 0:
+            recorder.started()
+            return None
+        ws.model.load_state_dict(as_sent(ndarrays))
+        test_loss, test_acc = evaluate(ws.model, x_test, y_test, cfg.eval_batch_size)
+        r = rounds.get(rnd, {"t0": time.perf_counter(), "clients": [], "trained": 0, "train_loss": None,
+                             "attack_seconds": 0.0})
+        recorder.round(round=rnd, train_loss=r["train_loss"], test_loss=test_loss, test_accuracy=test_acc,
+                       clients=r["clients"], trained=r["trained"], failures=len(r["clients"]) - r["trained"],
+                       seconds=time.perf_counter() - r["t0"], attack_seconds=r["attack_seconds"])
+        return test_loss, {"accuracy": test_acc}
+
+    strategy = ObservedFedAvg(initial=[v.detach().cpu().numpy() for v in init.state_dict().values()],
+                              sample=sample, fit_config=lambda rnd: dict(train_config(cfg, rnd)),
+                              observe=observe, evaluate_fn=evaluate_fn,
+                              rewrite=None if rewrite is None else lambda nd: [v.numpy() for v in as_sent(nd).values()])
+    largest = max(len(p) for p in ws.data.partitions)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=_count_or_fraction(d.secagg_num_shares),
+        reconstruction_threshold=_count_or_fraction(d.secagg_reconstruction_threshold),
+        clipping_range=float(d.secagg_clipping_range), max_weight=float(largest), timeout=float(cfg.round_timeout)))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds,
+                                                                round_timeout=float(cfg.round_timeout)),
+                           strategy=strategy)
+    workflow(grid, legacy)
+
+
+def _count_or_fraction(v: float) -> int | float:
+    """Flower's convention: an int counts clients, a float in (0, 1] is a fraction of those sampled."""
+    return int(v) if v > 1 else float(v)
+
+
 def privacy_ledger(cfg: DictConfig, ws: Workspace) -> PrivacyLedger | None:
     if not cfg.defense.dpsgd:
         return None
@@ -452,9 +598,9 @@ def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace,
     strategy.skipped = []
 
 
-def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[int, int]) -> AdversarialStrategy:
-    """The honest-but-curious (or, with imprint, malicious) server around ``inner``."""
-    from fl_sim.attacking import ATTACK_RESOURCE, attack_from_config, executor_from_config, knowledge_fn, local_executor
+def attack_executor(cfg: DictConfig):
+    """Ray tasks on the reserved attack resource, or this process when the cluster has none."""
+    from fl_sim.attacking import ATTACK_RESOURCE, executor_from_config, local_executor
 
     a = cfg.attack
     executor = executor_from_config(cfg)
@@ -466,6 +612,15 @@ def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[in
                         "(start Ray nodes with --resources='{\"%s\": N}' to run them in parallel)",
                         ATTACK_RESOURCE, ATTACK_RESOURCE)
             executor = local_executor(max(1, int(a.num_cpus)))
+    return executor
+
+
+def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[int, int]) -> AdversarialStrategy:
+    """The honest-but-curious (or, with imprint, malicious) server around ``inner``."""
+    from fl_sim.attacking import attack_from_config, knowledge_fn
+
+    a = cfg.attack
+    executor = attack_executor(cfg)
     scratch = initial_model(cfg, ws.data)
     return AdversarialStrategy(
         inner, attack_from_config(a), knowledge_fn(cfg, scratch, ws.data),
@@ -479,7 +634,7 @@ def make_server_app(cfg: dict | DictConfig, recorder) -> ServerApp:
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        server_main(conf, grid, recorder)
+        server_main(conf, grid, recorder, context)
 
     return app
 
@@ -514,7 +669,7 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(cfg, Path(run_dir) if run_dir else new_run_dir("outputs/flwr-run"))
     try:
         prepare(cfg, recorder)
-        server_main(cfg, grid, recorder)
+        server_main(cfg, grid, recorder, context)
         recorder.finish("completed")
     except Exception as e:
         recorder.finish("failed", error=f"{type(e).__name__}: {e}")

@@ -51,6 +51,20 @@ def wrap_model(cfg: DictConfig, model: torch.nn.Module, data: FederatedData) -> 
     return ImprintedModel(model, ImprintBlock(shape, cfg.attack.bins, thresholds, measurement=m, seed=cfg.seed))
 
 
+def malicious_rewrite(cfg: DictConfig, initial: dict[str, torch.Tensor]):
+    """What a malicious server does to the global model before sending it: with imprint it puts its
+    block back as it built it (one local step moves the block far, as the attack needs large
+    updates; the server would otherwise send a broken model next round). None when honest."""
+    if cfg.attack.name != "imprint":
+        return None
+    block = {k: v.detach().cpu().clone() for k, v in initial.items() if k.startswith("block.")}
+
+    def rewrite(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (block[k] if k in block else v) for k, v in state.items()}
+
+    return rewrite
+
+
 def knowledge_fn(cfg: DictConfig, model: torch.nn.Module, data: FederatedData):
     """What the server knows about a reply: the architecture, the hyper-parameters it sent, the
     number of examples the client reported; labels only if the threat model grants them."""

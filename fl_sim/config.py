@@ -102,6 +102,7 @@ class DefenseConfig:
     prune: bool = False  # magnitude pruning of the update (client mod)
     quantize: bool = False  # k-bit quantisation of the update (client mod)
     noise: bool = False  # Gaussian noise on the update (client mod)
+    secagg: bool = False  # Flower's SecAgg+: the server only sees the aggregate
     # dpsgd
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -119,6 +120,10 @@ class DefenseConfig:
     prune_ratio: float = 0.5  # fraction of each layer's update set to zero (smallest magnitudes)
     quantize_bits: int = 8
     noise_std: float = 0.01
+    # secagg (Flower's SecAggPlusWorkflow): a value > 1 counts clients, one in (0, 1] is a fraction
+    secagg_num_shares: float = 1.0  # shares of each client's secrets (1.0: every sampled client)
+    secagg_reconstruction_threshold: float = 0.5  # shares needed to unmask (tolerates the other clients dropping)
+    secagg_clipping_range: float = 8.0  # model values are clipped to +-this before quantisation
 
 
 @dataclass
@@ -143,6 +148,7 @@ class ClientConfig:
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.0
     weight_decay: float = 0.0
+    dropout: float = 0.0  # probability that a sampled client drops out of a round (seeded per round and client)
 
 
 @dataclass
@@ -191,7 +197,7 @@ OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint")
 
 
-DEFENSES = ("dpsgd", "central_dp", "prune", "quantize", "noise")
+DEFENSES = ("dpsgd", "central_dp", "prune", "quantize", "noise", "secagg")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -263,6 +269,8 @@ def validate(cfg: Any) -> None:
     _need(cfg.client.batch_size >= 1, f"client.batch_size must be at least 1 (got {cfg.client.batch_size})")
     _need(cfg.client.local_epochs >= 1, f"client.local_epochs must be at least 1 (got {cfg.client.local_epochs})")
     _need(cfg.client.lr > 0, f"client.lr must be > 0 (got {cfg.client.lr})")
+    _need(0 <= cfg.client.dropout < 1, f"client.dropout must be in [0, 1) (got {cfg.client.dropout}); "
+                                       "it is the probability that a sampled client drops out of a round")
     _need(cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1 (got {cfg.eval_batch_size})")
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")
     res = cfg.backend.client_resources
@@ -305,6 +313,19 @@ def validate_defense(cfg: Any) -> None:
         _need(1 <= d.quantize_bits <= 16, f"defense.quantize_bits must be in 1..16 (got {d.quantize_bits})")
     if "noise" in on:
         _need(d.noise_std >= 0, f"defense.noise_std must be >= 0 (got {d.noise_std})")
+    if "secagg" in on:
+        _need(not {"dpsgd", "central_dp"} & set(on),
+              "defense=secagg stacks with prune, quantize and noise only (its legacy Flower workflow carries no "
+              "DP accounting here); remove dpsgd/central_dp")
+        _need(cfg.strategy.name == "fedavg", f"defense=secagg runs Flower's FedAvg under SecAgg+; use strategy=fedavg "
+                                             f"(got strategy={cfg.strategy.name})")
+        for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+            v = d[key]
+            _need(v > 0 and (v <= 1 or float(v).is_integer()),
+                  f"defense.{key} must be a count (an integer > 1) or a fraction in (0, 1] (got {v})")
+        _need(d.secagg_num_shares <= 1 or d.secagg_num_shares >= 3,
+              f"defense.secagg_num_shares as a count must be at least 3 (got {d.secagg_num_shares})")
+        _need(d.secagg_clipping_range > 0, f"defense.secagg_clipping_range must be > 0 (got {d.secagg_clipping_range})")
 
 
 def defense_name(cfg: Any) -> str:

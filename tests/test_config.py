@@ -24,7 +24,7 @@ def test_default_config_is_cnn_on_mnist_10_clients_3_rounds_with_a_short_attack(
     ("partition", ["iid", "dirichlet", "pathological"]),
     ("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]),
     ("attack", ["none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint"]),
-    ("defense", ["none", "dpsgd", "central_dp", "prune", "quantize", "noise"]),
+    ("defense", ["none", "dpsgd", "central_dp", "prune", "quantize", "noise", "secagg"]),
 ])
 def test_every_documented_group_option_composes(compose, group, options):
     for opt in options:
@@ -56,6 +56,11 @@ def test_every_documented_group_option_composes(compose, group, options):
     ("defense=dpsgd attack=none strategy=fedprox strategy.proximal_mu=0.1", "use strategy.proximal_mu=0"),
     ("defense=quantize defense.quantize_bits=0", "defense.quantize_bits must be in 1..16"),
     ("defense=central_dp strategy=krum", "defense=central_dp needs an averaging strategy"),
+    ("defense=[secagg,dpsgd]", "defense=secagg stacks with prune, quantize and noise only"),
+    ("defense=secagg strategy=fedmedian", "defense=secagg runs Flower's FedAvg under SecAgg"),
+    ("defense=secagg defense.secagg_num_shares=2", "defense.secagg_num_shares as a count must be at least 3"),
+    ("defense=secagg defense.secagg_reconstruction_threshold=2.5", "must be a count"),
+    ("client.dropout=1.0", r"client.dropout must be in \[0, 1\)"),
 ])
 def test_bad_value_gives_error_naming_the_key(compose, override, message):
     with pytest.raises(ConfigError, match=message):

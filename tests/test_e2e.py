@@ -218,3 +218,31 @@ def test_cli_sweep_over_dp_noise_ends_with_a_report_across_runs(tmp_path):
     assert summaries[0.0] is None and summaries[1.0] > 0  # σ 0: ε infinite (null in summary.json)
     assert eps == {0.0: "inf", 1.0: summaries[1.0]}
     assert (sweep / "sweep_epsilon.png").stat().st_size > 1000
+
+
+def test_secagg_aggregate_equals_fedavg_and_imprint_still_recovers_examples(compose, tmp_path):
+    """Flower's SecAgg+ (legacy workflow + secaggplus_mod): the global models equal plain FedAvg's
+    within the protocol's quantisation; the malicious server sees only the aggregate of the sampled
+    clients and imprint still recovers examples of their union exactly (Fowl et al. 2022)."""
+    from fl_sim.apps import drops_out
+
+    common = TINY + ["num_clients=3", "attack=imprint", "attack.bins=1024", "attack.target_clients=[]",
+                     "attack.rounds=[1]", "client.batch_size=1000", "attack.workers=0", "client.lr=0.5",
+                     "client.dropout=0.3"]
+    # seed 0: client 0 drops out of round 1, client 1 of round 2 (in SecAgg+ after the key sharing:
+    # the protocol unmasks the aggregate of the others from the secret shares)
+    dropped = {r: [c for c in range(3) if drops_out(0, r, c, 0.3)] for r in (1, 2)}
+    assert dropped == {1: [0], 2: [1]}
+    plain = run(compose(common), tmp_path / "plain")
+    secure = run(compose(common + ["defense=secagg"]), tmp_path / "secagg")
+    for a, b in zip(plain["rounds"], secure["rounds"]):
+        assert b["test_loss"] == pytest.approx(a["test_loss"], abs=1e-4) and b["trained"] == a["trained"]
+    assert [r["trained"] for r in secure["rounds"]] == [2, 2]
+    assert [a["observed"] for a in plain["attacks"]] == ["client_update"] * 2
+    (agg,) = secure["attacks"]
+    assert agg["observed"] == "aggregate" and agg["client"] == [1, 2]
+    sizes = {c["client"]: c["size"] for c in secure["data"]["clients"]}
+    assert agg["batch_size"] == sizes[1] + sizes[2]  # scored against the union of the aggregated clients
+    exact = sum(p > 50 for p in agg["psnr_per_image"])
+    # ~960 examples in 1,024 bins: at most ~380 sit alone in a bin
+    assert exact >= 0.15 * agg["batch_size"], (exact, agg["batch_size"])
