@@ -46,6 +46,13 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                                       sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
+def local_dp_noise_multiplier(epsilon_per_release: float, delta: float) -> float:
+    """The noise multiplier (std / sensitivity) of the classic Gaussian mechanism for (ε, δ) per
+    release, σ/Δ = sqrt(2 ln(1.25/δ)) / ε (Dwork & Roth 2014, Thm A.1) — what Flower's LocalDpMod adds.
+    Its composition over rounds is then accounted like any Gaussian: ``epsilon([(z, 1.0, rounds)])``."""
+    return math.sqrt(2 * math.log(1.25 / delta)) / epsilon_per_release
+
+
 def dp_accounting_epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> float:
     """The same ε from Google's ``dp-accounting`` (an independent implementation, for cross-checks):
     Poisson-subsampled Gaussian events composed over the history; ``accountant`` "rdp" or "pld"."""

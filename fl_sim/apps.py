@@ -34,7 +34,7 @@ from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.models import build_model
 from fl_sim.privacy import PrivacyLedger
 from fl_sim.training import evaluate, local_train, resolve_device
-from defenses.accounting import calibrate_noise, epsilon
+from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier
 from defenses.dpsgd import dp_local_train, make_dp_compatible, sample_rate, steps_per_epoch
 from defenses.mods import noise_mod, prune_mod, quantize_mod
 from fl_sim.training import make_optimizer
@@ -140,26 +140,29 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
     records: dict[str, Any] = {}
-    if cfg.defense.dpsgd:
-        budget = DPBudget.load(context, cfg, len(x), epochs, batch_size)
-        steps_planned = epochs * steps_per_epoch(len(x), batch_size)
+    budget = DPBudget.load(context, cfg, len(x), epochs, batch_size) if _dp_mechanism(cfg) else None
+    if budget is not None:
+        # one round costs its DP-SGD steps, or one release of the noised update (local DP)
+        steps_planned = epochs * steps_per_epoch(len(x), batch_size) if cfg.defense.dpsgd else 1
         if budget.would_exceed(steps_planned):
             # Out of budget: the client stays out of this and every later round.
             records["privacy"] = budget.record(declined=True)
             return Message(content=RecordDict({
                 "metrics": MetricRecord({"num-examples": len(x)}),
                 "client": ConfigRecord({"partition-id": cid, "steps": 0}), **records}), reply_to=msg)
+    if cfg.defense.dpsgd:
         state, loss, steps, _ = dp_local_train(
             ws.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
             noise_multiplier=budget.noise_multiplier, max_grad_norm=float(cfg.defense.max_grad_norm),
             make_optimizer=lambda params: make_optimizer(
                 str(conf["optimizer"]), params, lr, float(conf["momentum"]), float(conf["weight-decay"])),
             grad_sample_mode=str(cfg.defense.grad_sample_mode), generator=gen)
-        budget.spend(server_round, steps)
-        budget.save(context)
-        records["privacy"] = budget.record(declined=False)
     else:
         state, loss, steps = _plain_train(ws.model, x, y, conf, gen)
+    if budget is not None:
+        budget.spend(server_round, steps if cfg.defense.dpsgd else 1)
+        budget.save(context)
+        records["privacy"] = budget.record(declined=False)
     content = RecordDict({
         "arrays": ArrayRecord(state),
         "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x), "unit-weight": 1.0}),
@@ -202,9 +205,13 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
+def _dp_mechanism(cfg: DictConfig) -> str | None:
+    return "dpsgd" if cfg.defense.dpsgd else "local_dp" if cfg.defense.local_dp else None
+
+
 @dataclass
 class DPBudget:
-    """A client's DP-SGD ledger, kept in its Flower ``context.state`` across rounds: the accountant
+    """A client's DP ledger (DP-SGD, or local DP of its update), kept in its Flower ``context.state`` across rounds: the accountant
     history ``[(σ, q, steps)]`` and the rounds it trained in. ε always composes the whole history."""
 
     noise_multiplier: float
@@ -220,15 +227,16 @@ class DPBudget:
     @classmethod
     def load(cls, context: Context, cfg: DictConfig, n: int, epochs: int, batch_size: int) -> "DPBudget":
         d = cfg.defense
-        q = sample_rate(n, batch_size)
+        q = sample_rate(n, batch_size) if d.dpsgd else 1.0  # local DP: every round releases the update
         if cls.KEY in context.state:
             rec = context.state[cls.KEY]
             sigma = float(rec["noise-multiplier"])
             history = list(zip(map(float, rec["sigma"]), map(float, rec["q"]), map(int, rec["steps"])))
             rounds = list(map(int, rec["rounds"]))
         else:
-            sigma, history, rounds = float(d.noise_multiplier), [], []
-            if d.target_epsilon is not None:  # spend the target over every planned round (the worst case)
+            history, rounds = [], []
+            sigma = float(d.noise_multiplier) if d.dpsgd else local_dp_noise_multiplier(float(d.local_epsilon), float(d.delta))
+            if d.dpsgd and d.target_epsilon is not None:  # spend the target over every planned round (the worst case)
                 planned = cfg.num_rounds * epochs * steps_per_epoch(n, batch_size)
                 sigma = calibrate_noise(float(d.target_epsilon), float(d.delta), q, planned, str(d.accountant))
         return cls(sigma, q, float(d.delta), str(d.accountant),
@@ -287,6 +295,41 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
     return app
 
 
+def _server_round(msg: Message) -> int:
+    """The round of a train message, in the Message-API or the legacy (SecAgg+) format."""
+    for name, record in msg.content.config_records.items():
+        if "server-round" in record:
+            return int(record["server-round"])
+    return 0
+
+
+def seeded_local_dp_mod(d: DictConfig, seed_fn: Callable[[Message, Context], int]):
+    """Flower's ``LocalDpMod`` (clip the update to ``clipping_norm``, add Gaussian noise for a nominal
+    (local_epsilon, delta) per release). It draws from NumPy's global generator: seeded per round and
+    client here, so that runs reproduce."""
+    from flwr.clientapp.mod import LocalDpMod
+
+    inner = LocalDpMod(float(d.clipping_norm), float(d.local_sensitivity or d.clipping_norm),
+                       float(d.local_epsilon), float(d.delta))
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        replies: list[Message] = []
+
+        def keep(m: Message, c: Context) -> Message:
+            replies.append(call_next(m, c))
+            return replies[-1]
+
+        np.random.seed(seed_fn(msg, context) % 2**32)
+        out = inner(msg, context, keep)
+        # A client out of budget sends no model; LocalDpMod would turn that into a malformed error
+        # reply that Flower drops (the server then waits for round_timeout): pass it on unchanged.
+        if replies and not replies[-1].has_error() and not replies[-1].content.array_records:
+            return replies[-1]
+        return out
+
+    return mod
+
+
 def secagg_mod(get_cfg: Callable[[Context], DictConfig]):
     """Flower's ``secaggplus_mod`` when ``defense=secagg`` (outermost: it masks the final update)."""
 
@@ -309,9 +352,12 @@ def update_defenses_mod(get_cfg: Callable[[Context], DictConfig]):
         chain = call_next
         seed = get_cfg(context).seed
         wanted = []
-        if d.noise:  # outermost: acts last
+        if d.local_dp:  # outermost: clips and noises the final update (Flower's LocalDpMod)
+            wanted.append(seeded_local_dp_mod(d, lambda m, c: round_seed(
+                seed + 3, _server_round(m), int(c.node_config["partition-id"]))))
+        if d.noise:
             wanted.append(noise_mod(float(d.noise_std), lambda m, c: round_seed(
-                seed + 1, int(m.content["config"]["server-round"]), int(c.node_config["partition-id"]))))
+                seed + 1, _server_round(m), int(c.node_config["partition-id"]))))
         if d.quantize:
             wanted.append(quantize_mod(int(d.quantize_bits)))
         if d.prune:
@@ -575,6 +621,15 @@ def _count_or_fraction(v: float) -> int | float:
 
 
 def privacy_ledger(cfg: DictConfig, ws: Workspace) -> PrivacyLedger | None:
+    d = cfg.defense
+    if d.local_dp and not d.dpsgd:
+        z = local_dp_noise_multiplier(float(d.local_epsilon), float(d.delta))
+        return PrivacyLedger(mechanism="local_dp", accountant=str(d.accountant), delta=float(d.delta),
+                             max_epsilon=None if d.max_epsilon is None else float(d.max_epsilon), notes=[
+            f"local DP of each client's whole update (Flower's LocalDpMod): clipped to {d.clipping_norm:g}, Gaussian "
+            f"noise for a nominal (ε={d.local_epsilon:g}, δ={d.delta:g}) per release, sensitivity "
+            f"{d.local_sensitivity or d.clipping_norm:g}, i.e. noise multiplier {z:.4g}; ε composes every round the "
+            "client sent an update (RDP of the Gaussian mechanism)"])
     if not cfg.defense.dpsgd:
         return None
     base = build_model(cfg.model.name, ws.data.input_shape, ws.data.num_classes, width=cfg.model.width,

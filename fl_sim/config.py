@@ -103,6 +103,7 @@ class DefenseConfig:
     quantize: bool = False  # k-bit quantisation of the update (client mod)
     noise: bool = False  # Gaussian noise on the update (client mod)
     secagg: bool = False  # Flower's SecAgg+: the server only sees the aggregate
+    local_dp: bool = False  # Flower's LocalDpMod: each client clips and noises its own update
     # dpsgd
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -115,7 +116,10 @@ class DefenseConfig:
     central_side: str = "server"  # server: the server clips and adds noise; client: clients clip
     central_clipping: str = "fixed"  # fixed | adaptive (Andrew et al. 2021)
     central_noise_multiplier: float = 1.0
-    clipping_norm: float = 1.0  # fixed clipping norm; the initial one with adaptive clipping
+    clipping_norm: float = 1.0  # fixed clipping norm (central_dp: the initial one if adaptive; local_dp too)
+    # local_dp (delta, accountant, max_epsilon and clipping_norm as above)
+    local_epsilon: float = 1.0  # nominal ε of one release (one round's update)
+    local_sensitivity: Optional[float] = None  # L2 sensitivity of the clipped update (default: clipping_norm)
     # prune / quantize / noise
     prune_ratio: float = 0.5  # fraction of each layer's update set to zero (smallest magnitudes)
     quantize_bits: int = 8
@@ -197,7 +201,7 @@ OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint")
 
 
-DEFENSES = ("dpsgd", "central_dp", "prune", "quantize", "noise", "secagg")
+DEFENSES = ("dpsgd", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -297,6 +301,15 @@ def validate_defense(cfg: Any) -> None:
         _need(cfg.strategy.proximal_mu == 0,
               "defense=dpsgd clips per-example gradients; the FedProx term is not per-example: "
               "use strategy.proximal_mu=0 (or another strategy)")
+    if "local_dp" in on:
+        _need("dpsgd" not in on, "defense=local_dp (user-level, per update) and dpsgd (per example) protect different "
+                                 "neighbours and cannot share one ε; choose one")
+        _need(d.local_epsilon > 0, f"defense.local_epsilon must be > 0 (got {d.local_epsilon})")
+        _need(d.local_sensitivity is None or d.local_sensitivity > 0,
+              f"defense.local_sensitivity must be > 0 (got {d.local_sensitivity})")
+        _need(d.clipping_norm > 0, f"defense.clipping_norm must be > 0 (got {d.clipping_norm})")
+        _need(0 < d.delta < 1, f"defense.delta must be in (0, 1) (got {d.delta})")
+        _choice("defense.accountant", d.accountant, ACCOUNTANTS)
     if "central_dp" in on:
         _choice("defense.central_side", d.central_side, ("server", "client"))
         _choice("defense.central_clipping", d.central_clipping, ("fixed", "adaptive"))
@@ -314,9 +327,9 @@ def validate_defense(cfg: Any) -> None:
     if "noise" in on:
         _need(d.noise_std >= 0, f"defense.noise_std must be >= 0 (got {d.noise_std})")
     if "secagg" in on:
-        _need(not {"dpsgd", "central_dp"} & set(on),
+        _need(not {"dpsgd", "central_dp", "local_dp"} & set(on),
               "defense=secagg stacks with prune, quantize and noise only (its legacy Flower workflow carries no "
-              "DP accounting here); remove dpsgd/central_dp")
+              "DP accounting here); remove dpsgd/central_dp/local_dp")
         _need(cfg.strategy.name == "fedavg", f"defense=secagg runs Flower's FedAvg under SecAgg+; use strategy=fedavg "
                                              f"(got strategy={cfg.strategy.name})")
         for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):

@@ -24,7 +24,7 @@ def test_default_config_is_cnn_on_mnist_10_clients_3_rounds_with_a_short_attack(
     ("partition", ["iid", "dirichlet", "pathological"]),
     ("strategy", ["fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg", "krum"]),
     ("attack", ["none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint"]),
-    ("defense", ["none", "dpsgd", "central_dp", "prune", "quantize", "noise", "secagg"]),
+    ("defense", ["none", "dpsgd", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg"]),
 ])
 def test_every_documented_group_option_composes(compose, group, options):
     for opt in options:
@@ -60,6 +60,8 @@ def test_every_documented_group_option_composes(compose, group, options):
     ("defense=secagg strategy=fedmedian", "defense=secagg runs Flower's FedAvg under SecAgg"),
     ("defense=secagg defense.secagg_num_shares=2", "defense.secagg_num_shares as a count must be at least 3"),
     ("defense=secagg defense.secagg_reconstruction_threshold=2.5", "must be a count"),
+    ("defense=[local_dp,dpsgd]", "protect different neighbours"),
+    ("defense=local_dp defense.local_epsilon=0", "defense.local_epsilon must be > 0"),
     ("client.dropout=1.0", r"client.dropout must be in \[0, 1\)"),
 ])
 def test_bad_value_gives_error_naming_the_key(compose, override, message):

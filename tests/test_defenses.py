@@ -15,7 +15,8 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from attacks.registry import make_attack
-from defenses.accounting import PRV_EPS_ERROR, calibrate_noise, dp_accounting_epsilon, epsilon
+from defenses.accounting import (PRV_EPS_ERROR, calibrate_noise, dp_accounting_epsilon, epsilon,
+                                 local_dp_noise_multiplier)
 from defenses.dpsgd import dp_local_train, make_dp_compatible, sample_rate
 from defenses.mods import noise_mod, prune_mod, prune_update, quantize_mod, quantize_update
 from fl_sim.metrics import score
@@ -65,6 +66,14 @@ def test_epsilon_composes_over_rounds_like_one_accountant_over_all_steps():
     assert eps5 > eps1
     assert eps5 == pytest.approx(epsilon([(0.8, 0.1, 150)], 1e-5), rel=1e-9)
     assert epsilon([(0.0, 0.1, 30)], 1e-5) == math.inf
+
+
+def test_local_dp_noise_of_flowers_mod_gives_at_most_its_nominal_epsilon_per_release():
+    """Flower's LocalDpMod: std = Δ sqrt(2 ln(1.25/δ)) / ε, valid for ε < 1 (Dwork & Roth, Thm A.1)."""
+    z = local_dp_noise_multiplier(0.5, 1e-5)
+    assert z == pytest.approx(math.sqrt(2 * math.log(1.25e5)) / 0.5)
+    assert epsilon([(z, 1.0, 1)], 1e-5, "prv") <= 0.5
+    assert epsilon([(z, 1.0, 3)], 1e-5, "prv") > epsilon([(z, 1.0, 1)], 1e-5, "prv")
 
 
 def test_noise_calibrated_to_a_target_epsilon_spends_at_most_the_target():

@@ -246,3 +246,19 @@ def test_secagg_aggregate_equals_fedavg_and_imprint_still_recovers_examples(comp
     exact = sum(p > 50 for p in agg["psnr_per_image"])
     # ~960 examples in 1,024 bins: at most ~380 sit alone in a bin
     assert exact >= 0.15 * agg["batch_size"], (exact, agg["batch_size"])
+
+
+def test_local_dp_with_flowers_mod_accounts_each_release_and_stops_at_the_budget(compose, tmp_path):
+    """Flower's LocalDpMod clips and noises each update; every release is one Gaussian mechanism in the
+    client's ledger; a client whose next release would exceed max_epsilon sends nothing (and the run
+    does not hang on Flower's mod, which would malform that reply)."""
+    from defenses.accounting import epsilon, local_dp_noise_multiplier
+
+    cfg = compose(TINY + ["defense=[local_dp,prune]", "defense.local_epsilon=50", "defense.clipping_norm=2",
+                          "defense.max_epsilon=150"])
+    s = run(cfg, tmp_path)
+    p = s["privacy"]
+    z = local_dp_noise_multiplier(50, 1e-5)
+    assert epsilon([(z, 1.0, 1)], 1e-5) < 150 < epsilon([(z, 1.0, 2)], 1e-5)  # the test's premise
+    assert p["mechanism"] == "local_dp" and p["epsilon"] == pytest.approx(epsilon([(z, 1.0, 1)], 1e-5), rel=1e-9)
+    assert [r["trained"] for r in s["rounds"]] == [3, 0] and {st["round"] for st in p["stopped"]} == {2}
