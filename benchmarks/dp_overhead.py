@@ -13,11 +13,16 @@ normalised with the slice's mean/std), models ``convnet`` (Geiping et al., width
 
 ``convnet`` has BatchNorm, which Opacus cannot train privately: it goes through
 ``opacus.validators.ModuleValidator.fix`` (GroupNorm) and the *fixed* model is used for both the
-plain and the private timing, so the ratio compares like with like. Each epoch is timed after a
-short warm-up, plain and private epochs interleaved in one process (order rotated every repeat);
-``ratio`` is median private seconds / median plain seconds, ``ratio_of_minima`` the same with the
-fastest sample of each and ``ratio_cpu`` the ratio of median process CPU seconds (both less
-sensitive to other processes on a shared machine).
+plain and the private timing, so the ratio compares like with like.
+
+Timing, after a short warm-up: plain and private epochs run in lock-step in one process (step i of
+each run back to back, order rotated each step), so that other processes on a shared machine slow
+them alike; an epoch's time is the sum of its own steps, batch loading included. One sample is one
+epoch (or the mean of ``k`` epochs when an epoch is shorter than ``--min-seconds``), ``--repeats``
+samples. ``ratio`` is the median over samples of private / plain seconds of the same sample,
+``ratio_of_minima`` fastest private sample / fastest plain sample, ``ratio_cpu`` the median ratio of
+process CPU seconds; the fastest correct mode of a model has the lowest mean ``ratio`` over the
+batch sizes.
 
 A mode is *correct* for a model if make_private and a training epoch run, and its clipped gradient
 matches hooks mode: same initial weights, same fixed batch, ``noise_multiplier=0``, no Poisson
@@ -160,12 +165,43 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- timing
 
 
+def lockstep_epochs(runs: dict[str, tuple], epochs: int, errors: dict[str, str]
+                    ) -> dict[str, tuple[float, float]]:
+    """``epochs`` epochs of every run in lock-step; per run, mean (wall, CPU) seconds of an epoch.
+
+    Step i of every run is taken back to back (order rotated each step), so that other processes
+    on a shared machine slow the plain and the private epochs alike. A run's epoch time is the sum
+    of its own steps, batch loading included. A run that raises is dropped into ``errors``.
+    """
+    spent = {key: np.zeros(2) for key in runs}
+    for _ in range(epochs):
+        batches = {key: iter(run[3]) for key, run in runs.items() if key not in errors}
+        step = 0
+        while batches:
+            keys = list(batches)
+            for key in keys[step % len(keys):] + keys[:step % len(keys)]:
+                model, opt, criterion, _ = runs[key]
+                t, c = time.perf_counter(), time.process_time()
+                try:
+                    xb, yb = next(batches[key])
+                    if len(yb):
+                        train_step(model, opt, criterion, xb, yb)
+                except StopIteration:
+                    del batches[key]
+                except Exception as e:  # noqa: BLE001 - a mode that fails is a result, not a crash
+                    errors[key] = f"{type(e).__name__}: {e}"
+                    del batches[key]
+                spent[key] += (time.perf_counter() - t, time.process_time() - c)
+            step += 1
+    return {key: (float(v[0]) / epochs, float(v[1]) / epochs) for key, v in spent.items() if key not in errors}
+
+
 def time_setting(name: str, batch: int, modes: list[str], x: torch.Tensor, y: torch.Tensor,
                  base: nn.Module, args, checks: dict[str, dict]) -> list[dict]:
-    """Interleaved epoch timings for one (model, batch size): plain and each mode that builds.
+    """Epoch timings for one (model, batch size): plain and each mode that builds, in lock-step.
 
-    One sample is the mean of ``k`` consecutive epochs, ``k`` chosen so that the plain sample lasts
-    at least ``--min-seconds`` (lenet's epoch is too short to time alone)."""
+    One sample is the mean of ``k`` epochs, ``k`` chosen so that the plain sample lasts at least
+    ``--min-seconds`` (lenet's epoch is too short to time alone)."""
     gen = torch.Generator().manual_seed(args.seed)
     data = TensorDataset(x, y)
     plain_model = copy.deepcopy(base)
@@ -182,43 +218,40 @@ def time_setting(name: str, batch: int, modes: list[str], x: torch.Tensor, y: to
             errors[mode] = f"{type(e).__name__}: {e}"
             print(f"  {name} b{batch} {mode}: FAILED {errors[mode][:200]}", flush=True)
     run_epoch(*runs["plain"], max_steps=args.warmup_steps)
-    shortest = min(run_epoch(*runs["plain"])[0] for _ in range(3))
+    shortest = min(run_epoch(*runs["plain"])[0] for _ in range(2))
     k = max(1, min(100, math.ceil(args.min_seconds / shortest)))
 
     seconds: dict[str, list[float]] = {key: [] for key in runs}
     cpu: dict[str, list[float]] = {key: [] for key in runs}
+    load: list[float] = []  # 1-minute load average after each sample: other processes on the machine
     for rep in range(args.repeats):
-        order = list(runs)
-        order = order[rep % len(order):] + order[:rep % len(order)]
-        for key in order:
-            if key in errors:
-                continue
-            try:
-                wall, proc = np.sum([run_epoch(*runs[key]) for _ in range(k)], axis=0) / k
-                seconds[key].append(float(wall))
-                cpu[key].append(float(proc))
-            except Exception as e:  # noqa: BLE001
-                errors[key] = f"{type(e).__name__}: {e}"
-                print(f"  {name} b{batch} {key}: FAILED {errors[key][:200]}", flush=True)
+        for key, (wall, proc) in lockstep_epochs(runs, k, errors).items():
+            seconds[key].append(wall)
+            cpu[key].append(proc)
+        load.append(round(os.getloadavg()[0], 2))
         done = "  ".join(f"{key} {v[-1]:.3f}s" for key, v in seconds.items() if v and key not in errors)
-        print(f"  {name} b{batch} repeat {rep + 1}/{args.repeats} ({k} epoch(s) each): {done}", flush=True)
+        print(f"  {name} b{batch} sample {rep + 1}/{args.repeats} ({k} epoch(s) each): {done}  "
+              f"[load {load[-1]:.2f}]", flush=True)
+    if "plain" in errors:
+        raise RuntimeError(f"plain training failed: {errors['plain']}")
 
-    plain = statistics.median(seconds["plain"])
     rows = []
     for mode in modes:
         ok = mode not in errors and "error" not in checks[mode]
-        times = seconds.get(mode, [])
-        private = statistics.median(times) if mode not in errors and times else None
+        times = seconds.get(mode, []) if mode not in errors else []
+        paired = [p / q for p, q in zip(times, seconds["plain"])]
         rows.append({"model": name, "batch_size": batch, "mode": mode, "ok": ok,
                      "error": errors.get(mode) or checks[mode].get("error"),
-                     "seconds_private": private, "seconds_plain": plain,
-                     "ratio": private / plain if private else None,
-                     "ratio_of_minima": min(times) / min(seconds["plain"]) if private else None,
-                     "ratio_cpu": statistics.median(cpu[mode]) / statistics.median(cpu["plain"]) if private else None,
+                     "seconds_private": statistics.median(times) if times else None,
+                     "seconds_plain": statistics.median(seconds["plain"]),
+                     "ratio": statistics.median(paired) if times else None,
+                     "ratio_of_minima": min(times) / min(seconds["plain"]) if times else None,
+                     "ratio_cpu": statistics.median(p / q for p, q in zip(cpu[mode], cpu["plain"]))
+                     if times else None,
                      "matches_hooks": checks[mode].get("matches_hooks", False),
                      "rel_error_vs_hooks": checks[mode].get("rel_error_vs_hooks"),
                      "wrapper": type(runs[mode][0]).__name__ if mode in runs else None,
-                     "epochs_per_sample": k, "seconds_private_samples": times,
+                     "epochs_per_sample": k, "load_average_per_sample": load, "seconds_private_samples": times,
                      "seconds_plain_samples": seconds["plain"], "cpu_seconds_private_samples": cpu.get(mode, []),
                      "cpu_seconds_plain_samples": cpu["plain"]})
     for key in modes:
@@ -327,14 +360,15 @@ def main() -> None:
                     "opacus": opacus.__version__, "wall_seconds": wall,
                     "notes": ("Both the plain and the private epoch use the model after "
                               "opacus.validators.ModuleValidator.fix (convnet: BatchNorm -> GroupNorm), "
-                              "so the ratio compares like with like. ratio = median private epoch seconds / "
-                              "median plain epoch seconds, epochs interleaved in one process. matches_hooks: "
+                              "so the ratio compares like with like. Plain and private epochs run in lock-step "
+                              "in one process (step i of each back to back); ratio = median over samples of "
+                              "private / plain epoch seconds of the same sample. matches_hooks: "
                               "noiseless clipped update on a fixed batch equals hooks mode's within the "
                               "tolerance (relative L2).")},
         "results": results,
         "correctness": correctness,
         "fastest_correct_mode": fastest["ratio"],
-        "fastest_correct_mode_by": {"ratio": "lowest mean over batch sizes of the median-time ratio",
+        "fastest_correct_mode_by": {"ratio": "lowest mean over batch sizes of ratio (median paired ratio)",
                                     "ratio_of_minima": fastest["ratio_of_minima"],
                                     "ratio_cpu": fastest["ratio_cpu"]},
     }
@@ -349,7 +383,7 @@ def main() -> None:
               f"{r['seconds_plain']:>8.3f} {private} " + (f"{rel:>9.1e}" if rel is not None else f"{'-':>9}"))
         if r["error"]:
             print(f"{'':28}{r['error'][:150]}")
-    print(f"fastest correct mode (mean median-time ratio): {fastest['ratio']}; by ratio of minima: "
+    print(f"fastest correct mode (mean ratio): {fastest['ratio']}; by ratio of minima: "
           f"{fastest['ratio_of_minima']}; by CPU-time ratio: {fastest['ratio_cpu']}; wall {wall:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

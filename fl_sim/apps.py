@@ -35,7 +35,7 @@ from fl_sim.models import build_model
 from fl_sim.privacy import PrivacyLedger
 from fl_sim.training import evaluate, local_train, resolve_device
 from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier
-from defenses.dpsgd import dp_local_train, make_dp_compatible, sample_rate, steps_per_epoch
+from defenses.dpsgd import dp_local_train, make_dp_compatible, resolve_grad_sample_mode, sample_rate, steps_per_epoch
 from defenses.mods import noise_mod, prune_mod, quantize_mod
 from fl_sim.training import make_optimizer
 from strategies import make_strategy
@@ -156,7 +156,8 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
             noise_multiplier=budget.noise_multiplier, max_grad_norm=float(cfg.defense.max_grad_norm),
             make_optimizer=lambda params: make_optimizer(
                 str(conf["optimizer"]), params, lr, float(conf["momentum"]), float(conf["weight-decay"])),
-            grad_sample_mode=str(cfg.defense.grad_sample_mode), generator=gen)
+            grad_sample_mode=resolve_grad_sample_mode(str(cfg.defense.grad_sample_mode), cfg.model.name),
+            generator=gen)
     else:
         state, loss, steps = _plain_train(ws.model, x, y, conf, gen)
     if budget is not None:
@@ -637,7 +638,8 @@ def privacy_ledger(cfg: DictConfig, ws: Workspace) -> PrivacyLedger | None:
     d = cfg.defense
     notes = ["sample-level (ε, δ)-DP of each client's examples, composed over every round the client trained in; "
              f"Poisson sampling, noise multiplier {'calibrated to target ε ' + str(d.target_epsilon) + ' over ' + str(cfg.num_rounds) + ' rounds' if d.target_epsilon is not None else d.noise_multiplier}, "
-             f"clipping norm {d.max_grad_norm}, Opacus grad_sample_mode {d.grad_sample_mode}"]
+             f"clipping norm {d.max_grad_norm}, Opacus grad_sample_mode "
+             f"{resolve_grad_sample_mode(str(d.grad_sample_mode), cfg.model.name)}"]
     return PrivacyLedger(mechanism="dpsgd", accountant=str(d.accountant), delta=float(d.delta),
                          max_epsilon=None if d.max_epsilon is None else float(d.max_epsilon),
                          model_changes=make_dp_compatible(base)[1], notes=notes)

@@ -111,7 +111,7 @@ class DefenseConfig:
     delta: float = 1e-5
     target_epsilon: Optional[float] = None  # calibrate noise_multiplier to this ε over the planned rounds
     max_epsilon: Optional[float] = None  # a client stops training once its next round would exceed it
-    grad_sample_mode: str = "hooks"  # hooks | functorch | ew | ghost (Opacus per-sample gradients)
+    grad_sample_mode: str = "auto"  # auto | hooks | functorch | ew | ghost (auto: fastest measured for the model)
     # central_dp
     central_side: str = "server"  # server: the server clips and adds noise; client: clients clip
     central_clipping: str = "fixed"  # fixed | adaptive (Andrew et al. 2021)
@@ -202,7 +202,7 @@ ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint")
 
 
 DEFENSES = ("dpsgd", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
 
 

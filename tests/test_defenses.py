@@ -180,3 +180,14 @@ def test_update_mods_act_on_the_update_not_the_weights():
     assert len(np.unique(np.round(levels, 5))) <= 4
     noisy = _fake_round_trip(noise_mod(1.0, lambda m, c: 0), sent, returned)["w"] - returned["w"]
     assert noisy.std() == pytest.approx(1.0, rel=0.15)
+
+
+def test_auto_grad_sample_mode_is_the_benchmarks_fastest_correct_mode():
+    import json
+    from pathlib import Path
+
+    from defenses.dpsgd import FASTEST_MODE, resolve_grad_sample_mode
+
+    measured = json.loads((Path(__file__).parents[1] / "benchmarks/results/dp_overhead.json").read_text())
+    assert FASTEST_MODE == measured["fastest_correct_mode"]
+    assert resolve_grad_sample_mode("auto", "mlp") == "hooks" and resolve_grad_sample_mode("ghost", "lenet") == "ghost"
