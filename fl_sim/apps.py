@@ -552,6 +552,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
     init = initial_model(cfg, ws.data)
     keys = list(init.state_dict().keys())
     attack = attack_from_config(cfg.attack) if cfg.attack.name != "none" else None
+    scratch = initial_model(cfg, ws.data) if attack is not None else None  # the attack's copy of the architecture
     executor = attack_executor(cfg) if attack is not None else None
     x_test, y_test = ws.test_tensors()
     rounds: dict[int, dict] = {}
@@ -573,7 +574,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
         before = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, sent)}
         after = {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, aggregate)}
         c = train_config(cfg, rnd)
-        know = Knowledge(model=initial_model(cfg, ws.data), input_shape=ws.data.input_shape,
+        know = Knowledge(model=scratch, input_shape=ws.data.input_shape,
                          num_classes=ws.data.num_classes, lr=float(c["lr"]), local_epochs=int(c["local-epochs"]),
                          batch_size=int(c["batch-size"]), num_examples=n_total,
                          mean=tuple(ws.data.mean.tolist()), std=tuple(ws.data.std.tolist()))
