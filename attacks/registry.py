@@ -7,6 +7,7 @@ from attacks.dlg import DLG
 from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
+from attacks.rmle import RMLE
 
 ATTACKS = {
     "dlg": DLG,
@@ -14,6 +15,7 @@ ATTACKS = {
     "inverting_gradients": InvertingGradients,
     "analytic": Analytic,
     "imprint": Imprint,
+    "rmle": RMLE,  # split learning: activations at the cut
 }
 
 

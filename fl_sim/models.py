@@ -168,3 +168,41 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, wi
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- split learning
+
+_PARTS = ("net", "body", "head", "fc")  # every model above is these parts composed in this order
+
+
+def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model as an ordered list of (name, layer) whose composition is its forward pass.
+
+    Names are the layers' own module names ("body.3", "fc"): ``scenario.cut_layer`` names the last
+    layer that stays with the client."""
+    out: list[tuple[str, nn.Module]] = []
+    for part in _PARTS:
+        m = getattr(model, part, None)
+        if isinstance(m, nn.Sequential):
+            out += [(f"{part}.{i}", layer) for i, layer in enumerate(m)]
+        elif isinstance(m, nn.Module):
+            out.append((part, m))
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no layers fl-sim can cut")
+    return out
+
+
+def cut_points(model: nn.Module) -> list[str]:
+    """Valid values of ``scenario.cut_layer``: every layer but the last (the server needs one)."""
+    return [name for name, _ in layers(model)[:-1]]
+
+
+def split_model(model: nn.Module, cut_layer: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """(client bottom, server top) sharing ``model``'s layers: bottom ends with ``cut_layer``."""
+    seq = layers(model)
+    names = [n for n, _ in seq]
+    if cut_layer not in names[:-1]:
+        raise ValueError(f"scenario.cut_layer={cut_layer!r} is not a layer this model can be cut after; "
+                         f"choose one of {', '.join(names[:-1])}")
+    k = names.index(cut_layer) + 1
+    return nn.Sequential(*[m for _, m in seq[:k]]), nn.Sequential(*[m for _, m in seq[k:]])
