@@ -72,6 +72,7 @@ class Knowledge:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     bn_stats_known: bool = False
+    auxiliary_inputs: torch.Tensor | None = None  # the attacker's own data (normalised), e.g. for a decoder
     device: str = "cpu"
 
     @property

@@ -7,7 +7,9 @@ from attacks.dlg import DLG
 from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
+from attacks.inverse_network import InverseNetwork
 from attacks.rmle import RMLE
+from attacks.unsplit import UnSplit
 
 ATTACKS = {
     "dlg": DLG,
@@ -16,6 +18,8 @@ ATTACKS = {
     "analytic": Analytic,
     "imprint": Imprint,
     "rmle": RMLE,  # split learning: activations at the cut
+    "inverse_network": InverseNetwork,
+    "unsplit": UnSplit,
 }
 
 

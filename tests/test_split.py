@@ -52,3 +52,53 @@ def test_rmle_inverts_a_shallow_cut_and_does_worse_deeper(digits):
     mean_image = x.mean(0, keepdim=True).expand_as(x)  # the baseline an attacker has without the activations
     baseline = score(x.numpy(), mean_image.numpy(), digits[1][:8].numpy(), None, labels_given=True)["psnr_mean"]
     assert deep > baseline, (deep, baseline)
+
+
+def test_inverse_network_and_unsplit_beat_the_mean_image_at_a_shallow_cut(digits):
+    """He et al.'s inverse network (decoder trained on the attacker's own digits) and UnSplit (client
+    weights unknown) on DLG's LeNet cut after its first layer: both above the mean-image baseline."""
+    x, y = digits
+    xv, yv = x[:8], y[:8]
+    torch.manual_seed(0)
+    bottom, _ = split_model(build_model("lenet", (1, 8, 8), 10), "body.1")
+    with torch.no_grad():
+        a = bottom(xv)
+    baseline = score(xv.numpy(), x[500:].mean(0, keepdim=True).expand_as(xv).numpy(), yv.numpy(), None,
+                     labels_given=True)["psnr_mean"]
+    inv = make_attack("inverse_network", epochs=100).reconstruct(
+        ActivationObservation(a), Knowledge(bottom, (1, 8, 8), 10, auxiliary_inputs=x[500:]))
+    uns = make_attack("unsplit", rounds=50).reconstruct(ActivationObservation(a), Knowledge(bottom, (1, 8, 8), 10))
+    for rec in (inv, uns):
+        psnr = score(xv.numpy(), rec.inputs.numpy(), yv.numpy(), None, labels_given=True)["psnr_mean"]
+        assert psnr > baseline + 3, (psnr, baseline)
+
+
+def test_noise_at_the_cut_lowers_rmles_psnr(digits):
+    from defenses.cut import noisy_activations
+
+    x, y = digits
+    xv, yv = x[:8], y[:8]
+    torch.manual_seed(0)
+    bottom, _ = split_model(build_model("lenet", (1, 8, 8), 10), "body.1")
+    with torch.no_grad():
+        a = bottom(xv)
+    psnr = {}
+    for scale in (0.0, 0.5):
+        sent = noisy_activations(a, scale, generator=torch.Generator().manual_seed(0))
+        rec = make_attack("rmle", iterations=1000).reconstruct(ActivationObservation(sent), Knowledge(bottom, (1, 8, 8), 10))
+        psnr[scale] = score(xv.numpy(), rec.inputs.numpy(), yv.numpy(), None, labels_given=True)["psnr_mean"]
+    assert psnr[0.5] < psnr[0.0] - 20, psnr
+
+
+def test_nopeek_distance_correlation_is_one_for_a_copy_and_low_for_independent_data():
+    from defenses.cut import distance_correlation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    assert float(distance_correlation(x, 3 * x + 1)) == pytest.approx(1.0, abs=1e-5)
+    independent = float(distance_correlation(x, torch.randn(200, 7, generator=g)))  # biased up: ~0.3 at n=200
+    noisy_copy = float(distance_correlation(x, x + 0.5 * torch.randn(200, 5, generator=g)))
+    assert independent < 0.4 and noisy_copy > independent + 0.4, (independent, noisy_copy)
+    z = x.clone().requires_grad_(True)
+    distance_correlation(x, z).backward()  # differentiable: usable as a training loss term
+    assert torch.isfinite(z.grad).all()
