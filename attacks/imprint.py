@@ -36,8 +36,9 @@ class ImprintBlock(nn.Module):
     the same amount: the model computes the same function, but the update of the first layer grows
     with the second layer's scale, so it survives the float32 subtraction ``before - after`` a server
     sees and SecAgg+'s quantisation of the aggregate (step 16 / 2^22 with Flower's defaults). Measured
-    on 3 x 479 digits, 1024 bins: gain 1 recovers 8 examples exactly from one client, 1e-3 214 (but 0
-    from a SecAgg+ aggregate), 1e-7 212 from one client and 244 from the quantised aggregate."""
+    on 479 digits of one client (lr 0.1) and a quantised mean of 3 x 479 (lr 0.5), 1024 bins, examples
+    recovered exactly (PSNR > 50 dB): gain 1: 0; gain 1e-3: 214, but 0 from the aggregate; gain 1e-7:
+    212 and 244."""
 
     def __init__(self, input_shape: tuple[int, ...], num_bins: int, thresholds: torch.Tensor | None = None,
                  measurement: torch.Tensor | None = None, seed: int = 0, gain: float = 1e-7,

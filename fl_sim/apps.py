@@ -29,18 +29,17 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Knowledge
+from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier
+from defenses.dpsgd import dp_local_train, make_dp_compatible, resolve_grad_sample_mode, sample_rate, steps_per_epoch
+from defenses.mods import noise_mod, prune_mod, quantize_mod
 from fl_sim.attacking import evaluate_outcome, malicious_rewrite
 from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.models import build_model
 from fl_sim.privacy import PrivacyLedger
-from fl_sim.training import evaluate, local_train, resolve_device
-from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier
-from defenses.dpsgd import dp_local_train, make_dp_compatible, resolve_grad_sample_mode, sample_rate, steps_per_epoch
-from defenses.mods import noise_mod, prune_mod, quantize_mod
-from fl_sim.training import make_optimizer
+from fl_sim.training import evaluate, local_train, make_optimizer, resolve_device
 from strategies import make_strategy
-from strategies.registry import with_central_dp
 from strategies.adversarial import AdversarialStrategy
+from strategies.registry import with_central_dp
 
 log = logging.getLogger("fl_sim")
 
@@ -79,14 +78,18 @@ def _data_key(cfg: DictConfig) -> str:
                        for k in keys}, sort_keys=True)
 
 
+def _architecture(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
+    return build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
+                       hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+
+
 def initial_model(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
     """The seeded initial global model (same seed -> same weights), on the CPU; with attack=imprint,
     the malicious server's version (an imprint block in front)."""
     from fl_sim.attacking import wrap_model
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
-                        hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+    model = _architecture(cfg, data)
     if cfg.defense.dpsgd:  # every party uses the architecture Opacus can train (BatchNorm -> GroupNorm)
         model, _ = make_dp_compatible(model)
     return wrap_model(cfg, model, data)
@@ -196,10 +199,12 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
     cid = int(context.node_config["partition-id"])
     x, y = ws.client_tensors(cid)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    _maybe_drop_out(cfg, int(fitins.config["server-round"]), cid)  # mid-protocol: after SecAgg+'s key sharing
+    server_round = int(fitins.config["server-round"])
+    _maybe_drop_out(cfg, server_round, cid)  # mid-protocol: after SecAgg+'s key sharing
     keys = list(ws.model.state_dict().keys())
-    ws.model.load_state_dict({k: torch.from_numpy(np.array(a)) for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
-    gen = torch.Generator().manual_seed(round_seed(cfg.seed, int(fitins.config["server-round"]), cid))
+    ws.model.load_state_dict({k: torch.from_numpy(np.array(a))
+                              for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
+    gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     state, loss, steps = _plain_train(ws.model, x, y, fitins.config, gen)
     res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([state[k].numpy() for k in keys]), len(x),
                  {"train_loss": float(loss), "partition-id": cid, "steps": steps})
@@ -212,8 +217,9 @@ def _dp_mechanism(cfg: DictConfig) -> str | None:
 
 @dataclass
 class DPBudget:
-    """A client's DP ledger (DP-SGD, or local DP of its update), kept in its Flower ``context.state`` across rounds: the accountant
-    history ``[(σ, q, steps)]`` and the rounds it trained in. ε always composes the whole history."""
+    """A client's DP ledger (DP-SGD, or local DP of its update), kept in its Flower ``context.state``
+    across rounds: the accountant history ``[(σ, q, steps)]`` and the rounds it trained in. ε always
+    composes the whole history."""
 
     noise_multiplier: float
     sample_rate: float
@@ -223,7 +229,7 @@ class DPBudget:
     history: list[tuple[float, float, int]]
     rounds: list[int]
 
-    KEY = "dpsgd"
+    KEY = "dp-budget"
 
     @classmethod
     def load(cls, context: Context, cfg: DictConfig, n: int, epochs: int, batch_size: int) -> "DPBudget":
@@ -349,9 +355,8 @@ def update_defenses_mod(get_cfg: Callable[[Context], DictConfig]):
     prune, then quantize, then noise — the config is read per message (``flwr run`` knows it only then)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
-        d = get_cfg(context).defense
-        chain = call_next
-        seed = get_cfg(context).seed
+        cfg = get_cfg(context)
+        d, seed, chain = cfg.defense, cfg.seed, call_next
         wanted = []
         if d.local_dp:  # outermost: clips and noises the final update (Flower's LocalDpMod)
             wanted.append(seeded_local_dp_mod(d, lambda m, c: round_seed(
@@ -414,9 +419,14 @@ def train_config(cfg: DictConfig, server_round: int) -> ConfigRecord:
     })
 
 
+def num_sampled(num_clients: int, fraction: float, minimum: int) -> int:
+    """Flower's rule: int(n * fraction) clients a round, at least ``minimum``, at most n."""
+    return min(num_clients, max(int(num_clients * fraction), minimum))
+
+
 def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float, minimum: int) -> list[int]:
-    """Flower's rule (int(n * fraction), at least ``minimum``), drawn from a seeded generator; sorted."""
-    k = min(num_clients, max(int(num_clients * fraction), minimum))
+    """``num_sampled`` clients drawn from a seeded generator; sorted."""
+    k = num_sampled(num_clients, fraction, minimum)
     return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
@@ -508,7 +518,7 @@ class CentralDP:
         self.z, self.delta = float(d.central_noise_multiplier), float(d.delta)
         self.adaptive = d.central_clipping == "adaptive"
         self.side, self.clipping_norm = str(d.central_side), float(d.clipping_norm)
-        self.num_sampled = min(cfg.num_clients, max(int(cfg.num_clients * st.fraction_train), st.min_train_clients))
+        self.num_sampled = num_sampled(cfg.num_clients, st.fraction_train, st.min_train_clients)
         self.rounds: list[int] = []
         self.per_round: list[dict] = []
 
@@ -634,8 +644,7 @@ def privacy_ledger(cfg: DictConfig, ws: Workspace) -> PrivacyLedger | None:
             "client sent an update (RDP of the Gaussian mechanism)"])
     if not cfg.defense.dpsgd:
         return None
-    base = build_model(cfg.model.name, ws.data.input_shape, ws.data.num_classes, width=cfg.model.width,
-                       hidden=tuple(cfg.model.hidden), activation=cfg.model.activation)
+    base = _architecture(cfg, ws.data)
     d = cfg.defense
     notes = ["sample-level (ε, δ)-DP of each client's examples, composed over every round the client trained in; "
              f"Poisson sampling, noise multiplier {'calibrated to target ε ' + str(d.target_epsilon) + ' over ' + str(cfg.num_rounds) + ' rounds' if d.target_epsilon is not None else d.noise_multiplier}, "

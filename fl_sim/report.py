@@ -97,6 +97,10 @@ def privacy_section(p: dict | None) -> list[str]:
     for c, v in p.get("clients", {}).items():
         out.append(f"| {c} | {_eps(v['epsilon'])} | {', '.join(map(str, v['rounds']))} | {v['noise_multiplier']:.4g} | "
                    f"{v['sample_rate']:.4g} |")
+    if p.get("central"):  # central DP stacked on DP-SGD: a second, user-level guarantee
+        c = p["central"]
+        out.append(f"\nAlso `{c['mechanism']}` (user-level): ε = {_eps(c['epsilon'], c['infinite'])} at "
+                   f"δ = {c['delta']:g}. " + " ".join(c.get("notes", [])))
     for st in p.get("stopped", []):
         out.append(f"\nClient {st['client']} stopped training at round {st['round']}: its next round would have "
                    f"exceeded max_epsilon (ε spent: {_eps(st['epsilon'])}); the run went on without it.")

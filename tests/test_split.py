@@ -55,15 +55,20 @@ def test_rmle_inverts_a_shallow_cut_and_does_worse_deeper(digits):
     assert deep > baseline, (deep, baseline)
 
 
+def _lenet_first_layer(digits):
+    """8 digits, DLG's LeNet cut after its first layer, and the activations the server receives."""
+    x, y = digits
+    torch.manual_seed(0)
+    bottom, _ = split_model(build_model("lenet", (1, 8, 8), 10), "body.1")
+    with torch.no_grad():
+        return x[:8], y[:8], bottom, bottom(x[:8])
+
+
 def test_inverse_network_and_unsplit_beat_the_mean_image_at_a_shallow_cut(digits):
     """He et al.'s inverse network (decoder trained on the attacker's own digits) and UnSplit (client
     weights unknown) on DLG's LeNet cut after its first layer: both above the mean-image baseline."""
     x, y = digits
-    xv, yv = x[:8], y[:8]
-    torch.manual_seed(0)
-    bottom, _ = split_model(build_model("lenet", (1, 8, 8), 10), "body.1")
-    with torch.no_grad():
-        a = bottom(xv)
+    xv, yv, bottom, a = _lenet_first_layer(digits)
     baseline = score(xv.numpy(), x[500:].mean(0, keepdim=True).expand_as(xv).numpy(), yv.numpy(), None,
                      labels_given=True)["psnr_mean"]
     inv = make_attack("inverse_network", epochs=100).reconstruct(
@@ -77,12 +82,7 @@ def test_inverse_network_and_unsplit_beat_the_mean_image_at_a_shallow_cut(digits
 def test_noise_at_the_cut_lowers_rmles_psnr(digits):
     from defenses.cut import noisy_activations
 
-    x, y = digits
-    xv, yv = x[:8], y[:8]
-    torch.manual_seed(0)
-    bottom, _ = split_model(build_model("lenet", (1, 8, 8), 10), "body.1")
-    with torch.no_grad():
-        a = bottom(xv)
+    xv, yv, bottom, a = _lenet_first_layer(digits)
     psnr = {}
     for scale in (0.0, 0.5):
         sent = noisy_activations(a, scale, generator=torch.Generator().manual_seed(0))
