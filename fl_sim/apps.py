@@ -105,7 +105,8 @@ def workspace(cfg: DictConfig, role: str) -> Workspace:
             device = resolve_device(cfg.device, gpu_assigned=cfg.backend.client_resources.num_gpus > 0)
         else:
             device = resolve_device(cfg.device)
-        data = build_federated_data(cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed)
+        data = build_federated_data(cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed,
+                                    float(cfg.attack.auxiliary_fraction))
         model = initial_model(cfg, data).to(device)
         _WORKSPACES[key] = Workspace(data, model, device, {})
     return _WORKSPACES[key]
@@ -293,6 +294,10 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
     @app.train(mods=[secagg_mod(get_cfg), update_defenses_mod(get_cfg)])
     def _train(msg: Message, context: Context) -> Message:
         cfg = get_cfg(context)
+        if cfg.scenario.name == "split":
+            from fl_sim.split import client_split_step
+
+            return client_split_step(cfg, msg, context)
         return (client_train_legacy if cfg.defense.secagg else client_train)(cfg, msg, context)
 
     @app.query()
@@ -432,6 +437,10 @@ def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float, 
 
 def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None = None) -> None:
     """The training loop of one run: sample, send, aggregate (Flower strategy), evaluate, record."""
+    if cfg.scenario.name == "split":
+        from fl_sim.split import server_main_split
+
+        return server_main_split(cfg, grid, recorder)
     if cfg.defense.secagg:
         return server_main_secagg(cfg, grid, context, recorder)
     ws = workspace(cfg, "server")

@@ -36,6 +36,14 @@ def attack_from_config(a: DictConfig):
         return make_attack(a.name, max_evaluations=a.max_evaluations, seed=a.seed)
     if a.name in ("analytic", "imprint"):
         return make_attack(a.name)
+    if a.name == "rmle":
+        return make_attack("rmle", iterations=a.iterations, lr=a.lr, tv=a.tv, seed=a.seed)
+    if a.name == "inverse_network":
+        return make_attack("inverse_network", epochs=a.iterations, lr=a.lr, seed=a.seed)
+    if a.name == "unsplit":
+        return make_attack("unsplit", rounds=a.iterations, lr_input=a.lr, tv=a.tv, seed=a.seed)
+    if a.name == "fsha":
+        return make_attack("fsha", seed=a.seed)
     raise ValueError(f"attack={a.name} is not known")
 
 
@@ -159,12 +167,17 @@ def executor_from_config(cfg: DictConfig):
 
 # --------------------------------------------------------------------------- the evaluator
 
-def true_batch(data: FederatedData, clients: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The client's (or clients') training data as [0, 1] images, and labels."""
+def true_batch(data: FederatedData, clients: int | list[int],
+               batch: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The client's (or clients') training data as [0, 1] images, and labels; ``batch``: only
+    these positions of one client's data (split learning attacks one batch)."""
     ids = clients if isinstance(clients, list) else [clients]
     xs, ys = zip(*(data.client(c) for c in ids))
-    x = np.concatenate(xs) * data.std[None, :, None, None] + data.mean[None, :, None, None]
-    return np.clip(x, 0, 1), np.concatenate(ys)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if batch is not None:
+        x, y = x[np.asarray(batch, dtype=np.int64)], y[np.asarray(batch, dtype=np.int64)]
+    x = x * data.std[None, :, None, None] + data.mean[None, :, None, None]
+    return np.clip(x, 0, 1), y
 
 
 def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, max_images: int = 16) -> None:
@@ -195,7 +208,7 @@ def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, m
 def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: str, run_dir: Path | None) -> dict:
     """Score one attack against the truth; write its picture; return the summary.json entry."""
     job = outcome.job
-    x_true, y_true = true_batch(data, job.client)
+    x_true, y_true = true_batch(data, job.client, job.batch)
     entry = {"round": job.server_round, "client": job.client, "attack": attack_name, "observed": job.observed,
              "batch_size": int(len(y_true)), "psnr": None, "ssim": None, "label_accuracy": None,
              "iterations": 0, "evaluations": 0, "seconds": outcome.seconds}

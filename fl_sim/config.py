@@ -67,9 +67,9 @@ class StrategyConfig:
 
 @dataclass
 class ScenarioConfig:
-    name: str = "federated"
-    mode: Optional[str] = None
-    cut_layer: Optional[str] = None
+    name: str = "federated"  # federated | split
+    mode: Optional[str] = None  # split: vanilla (clients take turns) | splitfed (in parallel, FedAvg of client models)
+    cut_layer: Optional[str] = None  # split: the last layer the client keeps (None: its first non-linearity)
 
 
 @dataclass
@@ -87,6 +87,8 @@ class AttackConfig:
     bins: int = 128  # imprint: number of bins of the imprint block
     labels_known: bool = False  # threat model: the server knows the clients' labels
     seed: int = 0
+    auxiliary_fraction: float = 0.0  # share of the training pool set aside as the attacker's own data
+    batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
     num_cpus: float = 1.0  # threads of each attack worker
 
@@ -104,6 +106,9 @@ class DefenseConfig:
     noise: bool = False  # Gaussian noise on the update (client mod)
     secagg: bool = False  # Flower's SecAgg+: the server only sees the aggregate
     local_dp: bool = False  # Flower's LocalDpMod: each client clips and noises its own update
+    cut_noise: bool = False  # split learning: noise on the activations the client sends
+    cut_dropout: bool = False  # split learning: dropout on the activations the client sends
+    nopeek: bool = False  # split learning: NoPeek's distance-correlation loss on the client side
     # dpsgd
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -128,6 +133,11 @@ class DefenseConfig:
     secagg_num_shares: float = 1.0  # shares of each client's secrets (1.0: every sampled client)
     secagg_reconstruction_threshold: float = 0.5  # shares needed to unmask (tolerates the other clients dropping)
     secagg_clipping_range: float = 8.0  # model values are clipped to +-this before quantisation
+    # split learning, at the cut
+    cut_noise_kind: str = "gaussian"  # gaussian | laplace (Titcombe et al. 2021)
+    cut_noise_scale: float = 0.5  # standard deviation (gaussian) or scale b (laplace)
+    cut_dropout_p: float = 0.5
+    nopeek_alpha: float = 0.5  # weight of dCor(x, activations) in the client's loss (Vepakomma et al. 2020)
 
 
 @dataclass
@@ -198,10 +208,17 @@ PARTITIONS = ("iid", "dirichlet", "pathological")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum")
 OPTIMIZERS = ("sgd", "adam")
-ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint")
+ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint",
+           "rmle", "inverse_network", "unsplit", "fsha")
+SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha")  # they observe activations
+SCENARIOS = ("federated", "split")
+SPLIT_MODES = ("vanilla", "splitfed")
 
 
-DEFENSES = ("dpsgd", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg")
+DEFENSES = ("dpsgd", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg",
+            "cut_noise", "cut_dropout", "nopeek")
+UPDATE_DEFENSES = ("central_dp", "local_dp", "prune", "quantize", "noise", "secagg")  # federated only
+CUT_DEFENSES = ("cut_noise", "cut_dropout", "nopeek")  # split only
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -231,9 +248,25 @@ def validate(cfg: Any) -> None:
     _choice("partition", cfg.partition.name, PARTITIONS)
     _choice("strategy", cfg.strategy.name, STRATEGIES)
     _choice("client.optimizer", cfg.client.optimizer, OPTIMIZERS)
-    _need(cfg.scenario.name == "federated",
-          f"scenario={cfg.scenario.name} is not available yet; use scenario=federated")
+    _choice("scenario", cfg.scenario.name, SCENARIOS)
     _choice("attack", cfg.attack.name, ATTACKS)
+    split = cfg.scenario.name == "split"
+    if split:
+        _choice("scenario.mode", cfg.scenario.mode, SPLIT_MODES)
+        _need(cfg.attack.name in ("none",) + SPLIT_ATTACKS,
+              f"attack={cfg.attack.name} attacks model updates; with scenario=split the server sees activations: "
+              f"choose attack={'|'.join(SPLIT_ATTACKS)} or none")
+        _need(cfg.attack.batch >= 0, f"attack.batch must be >= 0 (got {cfg.attack.batch})")
+        _need(cfg.strategy.name == "fedavg", f"scenario=split averages client models with FedAvg (splitfed); "
+                                             f"use strategy=fedavg (got strategy={cfg.strategy.name})")
+    else:
+        _need(cfg.attack.name not in SPLIT_ATTACKS,
+              f"attack={cfg.attack.name} inverts split-learning activations; use it with scenario=split")
+    _need(0 <= cfg.attack.auxiliary_fraction < 1,
+          f"attack.auxiliary_fraction must be in [0, 1) (got {cfg.attack.auxiliary_fraction})")
+    _need(cfg.attack.name not in ("inverse_network", "fsha") or cfg.attack.auxiliary_fraction > 0,
+          f"attack={cfg.attack.name} trains on the attacker's own data: set attack.auxiliary_fraction "
+          "in (0, 1), e.g. 0.1")
     bad = [c for c in cfg.attack.target_clients if not 0 <= c < cfg.num_clients]
     _need(not bad, f"attack.target_clients={list(cfg.attack.target_clients)}: {bad} are not clients "
                    f"(clients are 0..{cfg.num_clients - 1})")
@@ -289,6 +322,19 @@ def validate_defense(cfg: Any) -> None:
     d = cfg.defense
     on = active_defenses(cfg)
     _need(d.name == "none" or on, f"defense={d.name} is not known; choose none or one or more of {', '.join(DEFENSES)}")
+    split = cfg.scenario.name == "split"
+    wrong = [x for x in on if x in (UPDATE_DEFENSES if split else CUT_DEFENSES)]
+    _need(not wrong, f"defense={'+'.join(wrong)} acts on "
+                     + ("model updates, which split learning does not send; with scenario=split use "
+                        f"{', '.join(CUT_DEFENSES)} or dpsgd" if split else
+                        f"split-learning activations; use it with scenario=split"))
+    if "cut_noise" in on:
+        _choice("defense.cut_noise_kind", d.cut_noise_kind, ("gaussian", "laplace"))
+        _need(d.cut_noise_scale >= 0, f"defense.cut_noise_scale must be >= 0 (got {d.cut_noise_scale})")
+    if "cut_dropout" in on:
+        _need(0 <= d.cut_dropout_p < 1, f"defense.cut_dropout_p must be in [0, 1) (got {d.cut_dropout_p})")
+    if "nopeek" in on:
+        _need(d.nopeek_alpha >= 0, f"defense.nopeek_alpha must be >= 0 (got {d.nopeek_alpha})")
     if "dpsgd" in on:
         _need(d.noise_multiplier >= 0, f"defense.noise_multiplier must be >= 0 (got {d.noise_multiplier})")
         _need(d.max_grad_norm > 0, f"defense.max_grad_norm must be > 0 (got {d.max_grad_norm})")

@@ -38,6 +38,8 @@ class FederatedData:
     num_classes: int
     mean: np.ndarray  # (C,)
     std: np.ndarray  # (C,)
+    x_aux: np.ndarray | None = None  # the attacker's own data (normalised), disjoint from every client's
+    y_aux: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -311,7 +313,10 @@ def partition_indices(y: np.ndarray, part_cfg, num_clients: int, seed: int) -> l
     return parts
 
 
-def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int) -> FederatedData:
+def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int,
+                         auxiliary_fraction: float = 0.0) -> FederatedData:
+    """Load, hold out the test split, set ``auxiliary_fraction`` of the training pool aside as the
+    attacker's data (stratified, seeded), normalise, partition the rest over the clients."""
     x, y, x_test, y_test = load_arrays(ds_cfg)
     if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
         raise ConfigError(f"dataset={ds_cfg.name}: expected N images with N labels, got {x.shape} and {y.shape}")
@@ -328,6 +333,10 @@ def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int) -> Feder
         perm = rng.permutation(len(y))[: ds_cfg.max_examples or None]
         x, y = x[perm], y[perm]
     num_classes = int(max(y.max(), y_test.max())) + 1
+    x_aux = y_aux = None
+    if auxiliary_fraction > 0:
+        tr, aux = stratified_split(y, auxiliary_fraction, seed + 1)
+        x_aux, y_aux, x, y = x[aux], y[aux], x[tr], y[tr]
     if ds_cfg.normalize:
         mean = x.mean(axis=(0, 2, 3))
         std = x.std(axis=(0, 2, 3)) + 1e-8
@@ -336,4 +345,5 @@ def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int) -> Feder
     norm = lambda a: ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)  # noqa: E731
     parts = partition_indices(y, part_cfg, num_clients, seed)
     return FederatedData(norm(x), y, norm(x_test), y_test, parts, num_classes,
-                         mean.astype(np.float32), std.astype(np.float32))
+                         mean.astype(np.float32), std.astype(np.float32),
+                         None if x_aux is None else norm(x_aux), y_aux)

@@ -221,6 +221,11 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
                     for i, (p, h) in enumerate(zip(d.partitions, d.label_histograms()))],
     }
     init = initial_model(cfg, d)
+    if cfg.scenario.name == "split":
+        from fl_sim.split import cut_of, split
+
+        split(cfg, init)  # an invalid cut fails here, naming the valid ones
+        cfg.scenario.cut_layer = cut_of(cfg, init)
     digest = hashlib.sha256()
     for k, v in init.state_dict().items():
         digest.update(k.encode() + v.detach().cpu().numpy().tobytes())

@@ -31,9 +31,10 @@ class AttackJob:
 
     server_round: int
     client: int | list[int]  # the target (a list: the clients behind an aggregate)
-    observed: str  # client_update | aggregate
-    observation: Observation
+    observed: str  # client_update | aggregate | activations
+    observation: Any  # Observation, or attacks.rmle.ActivationObservation
     knowledge: Knowledge
+    batch: list[int] | None = None  # for the evaluator: positions of the observed examples in the client's data
 
 
 @dataclass

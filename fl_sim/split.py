@@ -1,0 +1,342 @@
+"""Split learning on Flower's Simulation Engine (``scenario=split``): the same Ray simulation, ServerApp
+and ClientApp as federated runs, with one Flower message per training step.
+
+The model is cut after ``scenario.cut_layer``: the client keeps the bottom, the server the top.
+Per batch the client runs the bottom on its data and sends the activations and labels; the server
+runs the top, takes the loss, steps its own optimiser and returns the gradient at the cut; the
+client back-propagates it through the bottom and steps. One message carries the gradient of batch
+k-1 and asks for the activations of batch k, so a client's turn of K batches costs K+1 messages.
+
+Modes (``scenario.mode``):
+
+- ``vanilla`` (Gupta & Raskar 2018): the sampled clients take turns, in client order; the client-side
+  model passes from one client to the next, relayed by the server (their centralised mode).
+- ``splitfed`` (Thapa et al., "SplitFed", AAAI 2022, SFLV2): the sampled clients train in parallel
+  from the same client-side model; the server processes their batches one after the other on a
+  single server-side model (in client order) and averages the client-side models with Flower's
+  FedAvg at the end of the round.
+
+Client state between messages lives in the node's ``context.state`` (a Ray actor is not tied to a
+client): the bottom's weights and optimiser state. The client recomputes the forward pass of batch
+k-1 when its gradient arrives (the batch order is seeded by (seed, round, client), the cut
+defenses' randomness by (seed, round, client, batch)), so nothing but records crosses messages.
+
+What the server observes is the activations (``observed: "activations"``); attacks on them
+(``rmle``, ``inverse_network``, ``unsplit``) run after the round on the batch ``attack.batch`` of each
+targeted client's turn, with the client-side weights the server sent at the start of that turn
+(white box for rMLE: exact for batch 0). ``fsha`` (a malicious server) returns its hijacking
+gradient instead of the honest one for every batch, and decodes the targeted batch at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn import functional as F
+
+from attacks.base import Knowledge
+from attacks.rmle import ActivationObservation
+from defenses.cut import distance_correlation, dropout_activations, noisy_activations
+from fl_sim.models import cut_points, layers, split_model
+from fl_sim.training import evaluate, make_optimizer
+
+log = logging.getLogger("fl_sim")
+
+STATE_BOTTOM, STATE_OPTIMIZER = "split-bottom", "split-optimizer"
+_NONLINEAR = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d)
+
+
+def default_cut(model: nn.Module) -> str:
+    """The cut used when ``scenario.cut_layer`` is not set: after the model's first non-linearity."""
+    for name, layer in layers(model)[:-1]:
+        if isinstance(layer, _NONLINEAR):
+            return name
+    return cut_points(model)[0]
+
+
+def cut_of(cfg: DictConfig, model: nn.Module) -> str:
+    return str(cfg.scenario.cut_layer) if cfg.scenario.cut_layer else default_cut(model)
+
+
+def split(cfg: DictConfig, model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
+    """(bottom, top) sharing ``model``'s layers; an invalid cut is a ConfigError naming the valid ones."""
+    from fl_sim.config import ConfigError
+
+    try:
+        return split_model(model, cut_of(cfg, model))
+    except ValueError as e:
+        raise ConfigError(f"{e} (model={cfg.model.name})") from e
+
+
+def batch_plan(n: int, epochs: int, batch_size: int, seed: int, server_round: int, cid: int) -> list[np.ndarray]:
+    """The client's batches of a round, in order: a seeded permutation per epoch, cut in batches."""
+    from fl_sim.apps import round_seed
+
+    gen = torch.Generator().manual_seed(round_seed(seed, server_round, cid))
+    plan = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).numpy()
+        plan += [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    return plan
+
+
+def _step_seed(seed: int, server_round: int, cid: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, server_round, cid, step, 0xC7]).generate_state(1)[0])
+
+
+def at_the_cut(cfg: DictConfig, a: torch.Tensor, server_round: int, cid: int, step: int) -> torch.Tensor:
+    """The cut defenses on what the client sends (dropout, then noise), seeded by the step so that the
+    client's recomputation of a batch sends the same thing."""
+    d = cfg.defense
+    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, server_round, cid, step))
+    if d.cut_dropout:
+        a = dropout_activations(a, float(d.cut_dropout_p), generator=gen)
+    if d.cut_noise:
+        a = noisy_activations(a, float(d.cut_noise_scale), str(d.cut_noise_kind), generator=gen)
+    return a
+
+
+def _save_optimizer(opt: torch.optim.Optimizer) -> ArrayRecord:
+    state = opt.state_dict()["state"]
+    return ArrayRecord({f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu()
+                        for i, s in state.items() for k, v in s.items()})
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, record: ArrayRecord) -> None:
+    state: dict[int, dict] = {}
+    for key, v in record.to_torch_state_dict().items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+# --------------------------------------------------------------------------- the client
+
+def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Message:
+    """One split-learning message on the client: back-propagate batch k-1's gradient (k >= 1), then
+    send batch k's activations, or, after the last batch, the trained client-side model."""
+    from fl_sim.apps import _maybe_drop_out, workspace
+
+    ws = workspace(cfg, "client")
+    cid = int(context.node_config["partition-id"])
+    x, y = ws.client_tensors(cid)
+    conf = msg.content["config"]
+    rnd, k = int(conf["server-round"]), int(conf["step"])
+    epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
+    plan = batch_plan(len(x), epochs, batch_size, cfg.seed, rnd, cid)
+    bottom, _ = split(cfg, ws.model)
+    bottom.train()
+    opt = make_optimizer(str(conf["optimizer"]), bottom.parameters(), lr, float(conf["momentum"]),
+                         float(conf["weight-decay"]))
+    if k == 0:
+        _maybe_drop_out(cfg, rnd, cid)
+        bottom.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    else:
+        bottom.load_state_dict(context.state[STATE_BOTTOM].to_torch_state_dict())
+        if STATE_OPTIMIZER in context.state:
+            _load_optimizer(opt, context.state[STATE_OPTIMIZER])
+        xb = x[torch.from_numpy(plan[k - 1])]
+        buffers = {n: b.clone() for n, b in bottom.named_buffers()}  # the recomputation must not count twice
+        sent = at_the_cut(cfg, bottom(xb), rnd, cid, k - 1)
+        grad = msg.content["cut-gradient"].to_torch_state_dict()["gradient"].to(sent.device)
+        opt.zero_grad(set_to_none=True)
+        if cfg.defense.nopeek:  # the client's own loss term: decorrelate what it sends from its inputs
+            leak = float(cfg.defense.nopeek_alpha) * distance_correlation(xb, sent)
+            torch.autograd.backward([sent, leak], [grad, torch.ones_like(leak)])
+        else:
+            sent.backward(grad)
+        opt.step()
+        with torch.no_grad():
+            for n, b in bottom.named_buffers():
+                b.copy_(buffers[n])
+    content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan)})}
+    if k < len(plan):
+        idx = torch.from_numpy(plan[k])
+        with torch.no_grad():
+            a = at_the_cut(cfg, bottom(x[idx]), rnd, cid, k)
+        content["activations"] = ArrayRecord({"activations": a.detach().cpu(), "labels": y[idx].cpu()})
+        context.state[STATE_BOTTOM] = ArrayRecord({n: v.detach().cpu() for n, v in bottom.state_dict().items()})
+        context.state[STATE_OPTIMIZER] = _save_optimizer(opt)
+    else:
+        content["arrays"] = ArrayRecord({n: v.detach().cpu() for n, v in bottom.state_dict().items()})
+        content["metrics"] = MetricRecord({"num-examples": len(x)})
+    return Message(content=RecordDict(content), reply_to=msg)
+
+
+# --------------------------------------------------------------------------- the server
+
+class SplitServer:
+    """The server side of one run: the top model and its optimiser, and, when attacking, the attack."""
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, data, recorder):
+        from fl_sim.attacking import attack_from_config
+
+        self.cfg, self.data, self.recorder = cfg, data, recorder
+        self.model = model
+        self.bottom, self.top = split(cfg, model)
+        c = cfg.client
+        self.top_opt = make_optimizer(str(c.optimizer), self.top.parameters(), float(c.lr), float(c.momentum),
+                                      float(c.weight_decay))
+        a = cfg.attack
+        self.attack = attack_from_config(a) if a.name != "none" else None
+        self.targets = set(a.target_clients) or None
+        self.rounds = set(a.rounds) or None
+        self.jobs: list = []
+        self.outcomes: list = []
+        aux = None if data.x_aux is None else torch.from_numpy(data.x_aux)
+        self.auxiliary = aux
+        if a.name == "fsha":
+            self.attack.setup(copy.deepcopy(self.bottom), data.input_shape, aux)
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    def attacked(self, server_round: int, cid: int, step: int) -> bool:
+        a = self.cfg.attack
+        return (self.attack is not None and step == int(a.batch)
+                and (self.rounds is None or server_round in self.rounds)
+                and (self.targets is None or cid in self.targets))
+
+    def gradient(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gradient returned to the client: the honest one through the top, or FSHA's hijacking one."""
+        if self.cfg.attack.name == "fsha":
+            with torch.no_grad():  # the server still reports the task loss its top would have
+                self.loss_sum += float(F.cross_entropy(self.top(a), y, reduction="sum"))
+            self.loss_count += len(y)
+            return self.attack.hijack(a)
+        self.top.train()
+        a = a.detach().requires_grad_(True)
+        loss = F.cross_entropy(self.top(a), y)
+        self.top_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.top_opt.step()
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.loss_count += len(y)
+        return a.grad.detach()
+
+    def observe(self, server_round: int, cid: int, step: int, a: torch.Tensor, y: torch.Tensor,
+                sent_bottom: dict[str, torch.Tensor], batch: np.ndarray) -> None:
+        """What the attack does with one targeted batch of activations."""
+        from attacks.base import Reconstruction
+        from strategies.adversarial import AttackJob, AttackOutcome
+
+        c = self.cfg.client
+        model = copy.deepcopy(self.bottom)
+        model.load_state_dict(sent_bottom)  # the client-side weights the server sent for this turn
+        know = Knowledge(model=model, input_shape=self.data.input_shape, num_classes=self.data.num_classes,
+                         lr=float(c.lr), local_epochs=int(c.local_epochs), batch_size=int(c.batch_size),
+                         num_examples=len(y), labels=y.clone(), mean=tuple(self.data.mean.tolist()),
+                         std=tuple(self.data.std.tolist()), auxiliary_inputs=self.auxiliary)
+        job = AttackJob(server_round, cid, "activations", ActivationObservation(a.clone(), y.clone()), know,
+                        batch=[int(i) for i in batch])
+        if self.cfg.attack.name == "fsha":  # the hijacker's decoder, as trained so far
+            t = time.perf_counter()
+            rec: Reconstruction = self.attack.reconstruct(job.observation, know)
+            self.outcomes.append(AttackOutcome(job, rec, time.perf_counter() - t))
+        else:
+            self.jobs.append(job)
+
+    def run_turns(self, grid: Grid, server_round: int, clients: list[int], node_of: dict[int, int],
+                  start: dict[str, torch.Tensor], config: ConfigRecord) -> tuple[list[Message], dict[int, str]]:
+        """Train the client-side model of each client in ``clients`` from ``start``, all in parallel (one
+        message per client per step); returns the final replies (trained client-side models) and the
+        failures {client: reason}."""
+        client_of = {n: c for c, n in node_of.items()}
+        plans = {c: batch_plan(len(self.data.partitions[c]), int(config["local-epochs"]),
+                               int(config["batch-size"]), self.cfg.seed, server_round, c) for c in clients}
+        start_record = ArrayRecord({k: v.detach().cpu() for k, v in start.items()})
+
+        def message(cid: int, step: int, extra: dict) -> Message:
+            conf = ConfigRecord({**dict(config), "step": step})
+            return Message(RecordDict({"config": conf, **extra}), dst_node_id=node_of[cid], message_type="train")
+
+        pending = [message(c, 0, {"arrays": start_record}) for c in clients]
+        finals: list[Message] = []
+        failures: dict[int, str] = {}
+        while pending:
+            replies = list(grid.send_and_receive(pending, timeout=float(self.cfg.round_timeout)))
+            replies.sort(key=lambda m: client_of.get(m.metadata.src_node_id, -1))  # deterministic top updates
+            pending = []
+            for reply in replies:
+                cid = client_of.get(reply.metadata.src_node_id, -1)
+                if reply.has_error():
+                    failures[cid] = reply.error.reason
+                    continue
+                if "activations" not in reply.content.array_records:
+                    finals.append(reply)
+                    continue
+                step = int(reply.content["client"]["step"])
+                rec = reply.content["activations"].to_torch_state_dict()
+                a, y = rec["activations"].float(), rec["labels"].long()
+                if self.attacked(server_round, cid, step):
+                    self.observe(server_round, cid, step, a, y, start, plans[cid][step])
+                g = self.gradient(a, y)
+                pending.append(message(cid, step + 1, {"cut-gradient": ArrayRecord({"gradient": g.cpu()})}))
+        return finals, failures
+
+
+def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
+    """The training loop of a split-learning run: sample, train each client's turn(s), evaluate, record."""
+    from fl_sim.apps import (attack_executor, discover_clients, initial_model, sample_clients, train_config,
+                             workspace)
+    from fl_sim.attacking import evaluate_outcome
+    from strategies import make_strategy
+
+    ws = workspace(cfg, "server")
+    s = cfg.strategy
+    model = initial_model(cfg, ws.data).to("cpu")
+    server = SplitServer(cfg, model, ws.data, recorder)
+    fedavg = make_strategy("fedavg", weighted_by_key="num-examples")
+    node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
+    executor = attack_executor(cfg) if server.attack is not None and cfg.attack.name != "fsha" else None
+    x_test, y_test = (t.cpu() for t in ws.test_tensors())
+    bottom_state = {k: v.detach().clone() for k, v in server.bottom.state_dict().items()}
+    recorder.started()
+    for rnd in range(1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        server.loss_sum, server.loss_count = 0.0, 0
+        sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
+        config = train_config(cfg, rnd)
+        failures: dict[int, str] = {}
+        trained = 0
+        if cfg.scenario.mode == "vanilla":  # one client after the other, the client-side model handed on
+            for cid in sampled:
+                finals, failed = server.run_turns(grid, rnd, [cid], node_of, bottom_state, config)
+                failures.update(failed)
+                for reply in finals:
+                    bottom_state = reply.content["arrays"].to_torch_state_dict()
+                    trained += 1
+        else:  # splitfed: in parallel from the same client-side model, then FedAvg
+            finals, failures = server.run_turns(grid, rnd, sampled, node_of, bottom_state, config)
+            trained = len(finals)
+            if finals:
+                averaged, _ = fedavg.aggregate_train(rnd, finals)
+                bottom_state = averaged.to_torch_state_dict()
+        if not trained:
+            reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
+            raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        t_attack = time.perf_counter()
+        if server.jobs:
+            server.outcomes += executor(server.attack, server.jobs)
+            server.jobs = []
+        for outcome in server.outcomes:
+            recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
+        server.outcomes = []
+        attack_seconds = time.perf_counter() - t_attack
+        server.bottom.load_state_dict(bottom_state)
+        test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+        recorder.round(
+            round=rnd,
+            train_loss=server.loss_sum / server.loss_count if server.loss_count else None,
+            test_loss=test_loss, test_accuracy=test_acc, clients=sampled, trained=trained,
+            failures=len(failures), seconds=time.perf_counter() - t0, attack_seconds=attack_seconds)
+        if failures:
+            log.warning("round %d: clients %s failed", rnd, sorted(failures))
