@@ -66,7 +66,7 @@ class RMLE:
             with torch.no_grad():
                 x.data = torch.max(torch.min(x, high), low)
             if progress is not None and (it + 1) % max(1, self.iterations // 10) == 0:
-                progress(it + 1, float(match))
+                progress(it + 1, float(match.detach()))
         for p in bottom.parameters():
             p.requires_grad_(True)
         images = (x.detach() * std + mean).clamp(0, 1)

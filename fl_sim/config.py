@@ -335,6 +335,8 @@ def validate_defense(cfg: Any) -> None:
         _need(0 <= d.cut_dropout_p < 1, f"defense.cut_dropout_p must be in [0, 1) (got {d.cut_dropout_p})")
     if "nopeek" in on:
         _need(d.nopeek_alpha >= 0, f"defense.nopeek_alpha must be >= 0 (got {d.nopeek_alpha})")
+        _need("dpsgd" not in on, "defense=nopeek's distance correlation mixes the examples of a batch, so DP-SGD's "
+                                 "per-example clipping cannot bound it; choose nopeek or dpsgd")
     if "dpsgd" in on:
         _need(d.noise_multiplier >= 0, f"defense.noise_multiplier must be >= 0 (got {d.noise_multiplier})")
         _need(d.max_grad_norm > 0, f"defense.max_grad_norm must be > 0 (got {d.max_grad_norm})")

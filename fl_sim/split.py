@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from attacks.base import Knowledge
 from attacks.rmle import ActivationObservation
 from defenses.cut import distance_correlation, dropout_activations, noisy_activations
+from defenses.dpsgd import sample_rate, steps_per_epoch
 from fl_sim.models import cut_points, layers, split_model
 from fl_sim.training import evaluate, make_optimizer
 
@@ -77,11 +78,17 @@ def split(cfg: DictConfig, model: nn.Module) -> tuple[nn.Sequential, nn.Sequenti
         raise ConfigError(f"{e} (model={cfg.model.name})") from e
 
 
-def batch_plan(n: int, epochs: int, batch_size: int, seed: int, server_round: int, cid: int) -> list[np.ndarray]:
-    """The client's batches of a round, in order: a seeded permutation per epoch, cut in batches."""
+def batch_plan(n: int, epochs: int, batch_size: int, seed: int, server_round: int, cid: int,
+               poisson: bool = False) -> list[np.ndarray]:
+    """The client's batches of a round, in order: a seeded permutation per epoch, cut in batches; with
+    ``poisson`` (DP-SGD), as many Poisson draws of rate 1/ceil(n/batch_size) (Opacus' sampling)."""
     from fl_sim.apps import round_seed
 
     gen = torch.Generator().manual_seed(round_seed(seed, server_round, cid))
+    if poisson:
+        q = sample_rate(n, batch_size)
+        return [torch.nonzero(torch.rand(n, generator=gen) < q).flatten().numpy()
+                for _ in range(epochs * steps_per_epoch(n, batch_size))]
     plan = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).numpy()
@@ -123,8 +130,12 @@ def _load_optimizer(opt: torch.optim.Optimizer, record: ArrayRecord) -> None:
 
 def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Message:
     """One split-learning message on the client: back-propagate batch k-1's gradient (k >= 1), then
-    send batch k's activations, or, after the last batch, the trained client-side model."""
-    from fl_sim.apps import _maybe_drop_out, workspace
+    send batch k's activations, or, after the last batch, the trained client-side model.
+
+    With ``defense=dpsgd`` the client-side model trains with DP-SGD (Opacus' per-example clipping and
+    noise on its own parameters, Poisson batches): the gradient at the cut of example i only depends
+    on example i, so per-example gradients of the bottom are exact. ε is accounted as in federated runs."""
+    from fl_sim.apps import DPBudget, _maybe_drop_out, workspace
 
     ws = workspace(cfg, "client")
     cid = int(context.node_config["partition-id"])
@@ -132,43 +143,71 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
     conf = msg.content["config"]
     rnd, k = int(conf["server-round"]), int(conf["step"])
     epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
-    plan = batch_plan(len(x), epochs, batch_size, cfg.seed, rnd, cid)
-    bottom, _ = split(cfg, ws.model)
-    bottom.train()
-    opt = make_optimizer(str(conf["optimizer"]), bottom.parameters(), lr, float(conf["momentum"]),
+    dp = bool(cfg.defense.dpsgd)
+    plan = batch_plan(len(x), epochs, batch_size, cfg.seed, rnd, cid, poisson=dp)
+    work = copy.deepcopy(split(cfg, ws.model)[0]).train()  # Opacus' hooks must not stay on the workspace model
+    opt = make_optimizer(str(conf["optimizer"]), work.parameters(), lr, float(conf["momentum"]),
                          float(conf["weight-decay"]))
+    budget = DPBudget.load(context, cfg, len(x), epochs, batch_size) if dp else None
+    content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan)})}
     if k == 0:
         _maybe_drop_out(cfg, rnd, cid)
-        bottom.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        work.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        if budget is not None:
+            if budget.would_exceed(len(plan)):  # out of budget: no training this round nor later
+                content["privacy"] = budget.record(declined=True)
+                content["metrics"] = MetricRecord({"num-examples": len(x)})
+                return Message(content=RecordDict(content), reply_to=msg)
+            budget.save(context)  # the noise multiplier (calibrated once) for the turn's later messages
     else:
-        bottom.load_state_dict(context.state[STATE_BOTTOM].to_torch_state_dict())
+        work.load_state_dict(context.state[STATE_BOTTOM].to_torch_state_dict())
         if STATE_OPTIMIZER in context.state:
             _load_optimizer(opt, context.state[STATE_OPTIMIZER])
-        xb = x[torch.from_numpy(plan[k - 1])]
-        buffers = {n: b.clone() for n, b in bottom.named_buffers()}  # the recomputation must not count twice
-        sent = at_the_cut(cfg, bottom(xb), rnd, cid, k - 1)
-        grad = msg.content["cut-gradient"].to_torch_state_dict()["gradient"].to(sent.device)
-        opt.zero_grad(set_to_none=True)
-        if cfg.defense.nopeek:  # the client's own loss term: decorrelate what it sends from its inputs
-            leak = float(cfg.defense.nopeek_alpha) * distance_correlation(xb, sent)
-            torch.autograd.backward([sent, leak], [grad, torch.ones_like(leak)])
+        net, stepper = work, opt
+        if budget is not None:
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            net = GradSampleModule(work, loss_reduction="mean")
+            noise = torch.Generator().manual_seed(_step_seed(cfg.seed, rnd, cid, k - 1) + 1)
+            stepper = DPOptimizer(opt, noise_multiplier=budget.noise_multiplier,
+                                  max_grad_norm=float(cfg.defense.max_grad_norm),
+                                  expected_batch_size=max(1, int(len(x) * budget.sample_rate)), generator=noise)
+        idx = torch.from_numpy(plan[k - 1])
+        buffers = {n: b.clone() for n, b in work.named_buffers()}  # the recomputation must not count twice
+        stepper.zero_grad(set_to_none=True)
+        if len(idx) == 0:  # an empty Poisson draw still takes its (pure noise) DP-SGD step
+            for p in work.parameters():
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         else:
-            sent.backward(grad)
-        opt.step()
+            xb = x[idx]
+            sent = at_the_cut(cfg, net(xb), rnd, cid, k - 1)
+            grad = msg.content["cut-gradient"].to_torch_state_dict()["gradient"].to(sent.device)
+            if cfg.defense.nopeek:  # the client's own loss term: decorrelate what it sends from its inputs
+                leak = float(cfg.defense.nopeek_alpha) * distance_correlation(xb, sent)
+                torch.autograd.backward([sent, leak], [grad, torch.ones_like(leak)])
+            else:
+                sent.backward(grad)
+        stepper.step()
+        if net is not work:
+            net._close()
         with torch.no_grad():
-            for n, b in bottom.named_buffers():
+            for n, b in work.named_buffers():
                 b.copy_(buffers[n])
-    content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan)})}
     if k < len(plan):
         idx = torch.from_numpy(plan[k])
         with torch.no_grad():
-            a = at_the_cut(cfg, bottom(x[idx]), rnd, cid, k)
+            a = at_the_cut(cfg, work(x[idx]), rnd, cid, k)
         content["activations"] = ArrayRecord({"activations": a.detach().cpu(), "labels": y[idx].cpu()})
-        context.state[STATE_BOTTOM] = ArrayRecord({n: v.detach().cpu() for n, v in bottom.state_dict().items()})
+        context.state[STATE_BOTTOM] = ArrayRecord({n: v.detach().cpu() for n, v in work.state_dict().items()})
         context.state[STATE_OPTIMIZER] = _save_optimizer(opt)
     else:
-        content["arrays"] = ArrayRecord({n: v.detach().cpu() for n, v in bottom.state_dict().items()})
+        content["arrays"] = ArrayRecord({n: v.detach().cpu() for n, v in work.state_dict().items()})
         content["metrics"] = MetricRecord({"num-examples": len(x)})
+        if budget is not None:
+            budget.spend(rnd, len(plan))
+            budget.save(context)
+            content["privacy"] = budget.record(declined=False)
     return Message(content=RecordDict(content), reply_to=msg)
 
 
@@ -206,6 +245,8 @@ class SplitServer:
 
     def gradient(self, a: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The gradient returned to the client: the honest one through the top, or FSHA's hijacking one."""
+        if len(y) == 0:  # an empty Poisson batch (DP-SGD): nothing to learn from
+            return torch.zeros_like(a)
         if self.cfg.attack.name == "fsha":
             with torch.no_grad():  # the server still reports the task loss its top would have
                 self.loss_sum += float(F.cross_entropy(self.top(a), y, reduction="sum"))
@@ -249,8 +290,8 @@ class SplitServer:
         message per client per step); returns the final replies (trained client-side models) and the
         failures {client: reason}."""
         client_of = {n: c for c, n in node_of.items()}
-        plans = {c: batch_plan(len(self.data.partitions[c]), int(config["local-epochs"]),
-                               int(config["batch-size"]), self.cfg.seed, server_round, c) for c in clients}
+        plans = {c: batch_plan(len(self.data.partitions[c]), int(config["local-epochs"]), int(config["batch-size"]),
+                               self.cfg.seed, server_round, c, poisson=bool(self.cfg.defense.dpsgd)) for c in clients}
         start_record = ArrayRecord({k: v.detach().cpu() for k, v in start.items()})
 
         def message(cid: int, step: int, extra: dict) -> Message:
@@ -269,7 +310,7 @@ class SplitServer:
                 if reply.has_error():
                     failures[cid] = reply.error.reason
                     continue
-                if "activations" not in reply.content.array_records:
+                if "activations" not in reply.content.array_records:  # the turn's end
                     finals.append(reply)
                     continue
                 step = int(reply.content["client"]["step"])
@@ -284,8 +325,8 @@ class SplitServer:
 
 def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
     """The training loop of a split-learning run: sample, train each client's turn(s), evaluate, record."""
-    from fl_sim.apps import (attack_executor, discover_clients, initial_model, sample_clients, train_config,
-                             workspace)
+    from fl_sim.apps import (attack_executor, discover_clients, initial_model, privacy_ledger, sample_clients,
+                             train_config, workspace)
     from fl_sim.attacking import evaluate_outcome
     from strategies import make_strategy
 
@@ -299,6 +340,17 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
     executor = attack_executor(cfg) if server.attack is not None and cfg.attack.name != "fsha" else None
     x_test, y_test = (t.cpu() for t in ws.test_tensors())
     bottom_state = {k: v.detach().clone() for k, v in server.bottom.state_dict().items()}
+    ledger = privacy_ledger(cfg, ws)
+    client_of = {n: c for c, n in node_of.items()}
+
+    def trained_models(rnd: int, finals: list[Message]) -> list[Message]:
+        """The replies that carry a trained client-side model (DP-SGD: those within budget), ledger kept."""
+        if ledger is None:
+            return finals
+        for m in finals:
+            ledger.observe(rnd, client_of.get(m.metadata.src_node_id, -1), m.content["privacy"])
+        return [m for m in finals if not bool(m.content["privacy"]["declined"])]
+
     recorder.started()
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
@@ -311,16 +363,20 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
             for cid in sampled:
                 finals, failed = server.run_turns(grid, rnd, [cid], node_of, bottom_state, config)
                 failures.update(failed)
-                for reply in finals:
+                for reply in trained_models(rnd, finals):
                     bottom_state = reply.content["arrays"].to_torch_state_dict()
                     trained += 1
         else:  # splitfed: in parallel from the same client-side model, then FedAvg
             finals, failures = server.run_turns(grid, rnd, sampled, node_of, bottom_state, config)
+            finals = trained_models(rnd, finals)
             trained = len(finals)
             if finals:
                 averaged, _ = fedavg.aggregate_train(rnd, finals)
                 bottom_state = averaged.to_torch_state_dict()
-        if not trained:
+        if ledger is not None:
+            ledger.end_round(rnd)
+            recorder.privacy = ledger.summary()
+        if not trained and failures:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
         t_attack = time.perf_counter()
