@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from attacks.analytic import Analytic
 from attacks.dlg import DLG
+from attacks.fsha import FSHA
 from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
@@ -20,6 +21,7 @@ ATTACKS = {
     "rmle": RMLE,  # split learning: activations at the cut
     "inverse_network": InverseNetwork,
     "unsplit": UnSplit,
+    "fsha": FSHA,  # split learning, malicious server: hijacks the client's training (setup/hijack first)
 }
 
 

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,32 @@ def drops_out(seed: int, server_round: int, cid: int, probability: float) -> boo
     return probability > 0 and np.random.default_rng([seed, server_round, cid, 0xD0]).random() < probability
 
 
-def _maybe_drop_out(cfg: DictConfig, server_round: int, cid: int) -> None:
+def _maybe_drop_out(cfg: DictConfig, server_round: int, cid: int) -> float:
+    """The simulated failures of a client in a round (``client.dropout``, ``faults.*``), all seeded:
+    raise (drop-out, crash), end the process (crash_mode=exit), or sleep (straggler; returns the delay)."""
     if drops_out(cfg.seed, server_round, cid, float(cfg.client.dropout)):
         raise ClientDropout(f"client {cid} dropped out of round {server_round} (client.dropout={cfg.client.dropout})")
+    f = cfg.faults
+    draws = np.random.default_rng([cfg.seed, server_round, cid, 0xFA]).random(2)
+    if draws[0] < float(f.client_crash_rate):
+        if f.crash_mode == "exit":
+            log.warning("client %d: simulated crash of its process in round %d", cid, server_round)
+            os._exit(3)  # the Ray actor dies; the engine must replace it
+        raise ClientCrash(f"client {cid} crashed in round {server_round} (faults.client_crash_rate={f.client_crash_rate})")
+    if draws[1] < float(f.straggler_rate) and f.straggler_seconds > 0:
+        time.sleep(float(f.straggler_seconds))
+        return float(f.straggler_seconds)
+    return 0.0
+
+
+def _reason(text: str | None) -> str:
+    """The last line of a failure's reason (Flower sends the client's traceback)."""
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "unknown"
+
+
+class ClientCrash(RuntimeError):
+    """A simulated client failure during training (``faults.client_crash_rate``)."""
 
 
 # --------------------------------------------------------------------------- ClientApp
@@ -139,11 +163,12 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     x, y = ws.client_tensors(cid)
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
-    _maybe_drop_out(cfg, server_round, cid)
+    delay = _maybe_drop_out(cfg, server_round, cid)
     ws.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
     records: dict[str, Any] = {}
+    restore_dp(msg, context)
     budget = DPBudget.load(context, cfg, len(x), epochs, batch_size) if _dp_mechanism(cfg) else None
     if budget is not None:
         # one round costs its DP-SGD steps, or one release of the noised update (local DP)
@@ -153,7 +178,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
             records["privacy"] = budget.record(declined=True)
             return Message(content=RecordDict({
                 "metrics": MetricRecord({"num-examples": len(x)}),
-                "client": ConfigRecord({"partition-id": cid, "steps": 0}), **records}), reply_to=msg)
+                "client": ConfigRecord({"partition-id": cid, "steps": 0, "delay": delay}), **records}), reply_to=msg)
     if cfg.defense.dpsgd:
         state, loss, steps, _ = dp_local_train(
             ws.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -171,7 +196,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": ArrayRecord(state),
         "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x), "unit-weight": 1.0}),
-        "client": ConfigRecord({"partition-id": cid, "steps": steps}),
+        "client": ConfigRecord({"partition-id": cid, "steps": steps, "delay": delay}),
         **records,
     })
     return Message(content=content, reply_to=msg)
@@ -201,14 +226,14 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
     x, y = ws.client_tensors(cid)
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round = int(fitins.config["server-round"])
-    _maybe_drop_out(cfg, server_round, cid)  # mid-protocol: after SecAgg+'s key sharing
+    delay = _maybe_drop_out(cfg, server_round, cid)  # mid-protocol: after SecAgg+'s key sharing
     keys = list(ws.model.state_dict().keys())
     ws.model.load_state_dict({k: torch.from_numpy(np.array(a))
                               for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     state, loss, steps = _plain_train(ws.model, x, y, fitins.config, gen)
     res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([state[k].numpy() for k in keys]), len(x),
-                 {"train_loss": float(loss), "partition-id": cid, "steps": steps})
+                 {"train_loss": float(loss), "partition-id": cid, "steps": steps, "delay": delay})
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 
@@ -273,7 +298,26 @@ class DPBudget:
         return ConfigRecord({
             "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: infinite (no noise)
             "noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate,
-            "rounds": list(self.rounds) or [0], "declined": declined})
+            "rounds": list(self.rounds) or [0], "steps": [h[2] for h in self.history] or [0],
+            "declined": declined})
+
+
+RESTORE_KEY = "dp-restore"
+
+
+def restore_dp(msg: Message, context: Context) -> None:
+    """After a resume the client nodes are fresh: the server hands each client back the DP history
+    the simulator checkpointed (the client's own ``context.state``), once, before it trains."""
+    if RESTORE_KEY in msg.content and DPBudget.KEY not in context.state:
+        context.state[DPBudget.KEY] = msg.content[RESTORE_KEY]
+
+
+def dp_history_record(entry: dict) -> ConfigRecord:
+    """A client's DP ledger entry (as the server's privacy ledger keeps it) as its ``context.state`` record."""
+    n = len(entry["steps"])
+    return ConfigRecord({"noise-multiplier": float(entry["noise_multiplier"]),
+                         "sigma": [float(entry["noise_multiplier"])] * n, "q": [float(entry["sample_rate"])] * n,
+                         "steps": [int(v) for v in entry["steps"]], "rounds": [int(r) for r in entry["rounds"]]})
 
 
 def client_query(cfg: DictConfig, msg: Message, context: Context) -> Message:
@@ -435,8 +479,10 @@ def sample_clients(rng: np.random.Generator, num_clients: int, fraction: float, 
     return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
-def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None = None) -> None:
-    """The training loop of one run: sample, send, aggregate (Flower strategy), evaluate, record."""
+def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None = None,
+                resume_from: dict | None = None) -> None:
+    """The training loop of one run: sample, send, aggregate (Flower strategy), evaluate, record,
+    checkpoint; ``resume_from``: a loaded checkpoint to continue from."""
     if cfg.scenario.name == "split":
         from fl_sim.split import server_main_split
 
@@ -466,17 +512,40 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
     rewrite = malicious_rewrite(cfg, arrays.to_torch_state_dict())
     x_test, y_test = ws.test_tensors()
+    first = 1
+    if resume_from is not None:  # continue an interrupted run from its last checkpoint
+        from fl_sim import checkpoint
+
+        arrays = ArrayRecord(resume_from["model"])
+        checkpoint.restore_strategy(strategy, resume_from["strategy"])
+        checkpoint.restore_rng(rng, resume_from["rng"])
+        state = resume_from["state"]
+        if ledger is not None:
+            ledger.restore(state.get("ledger", {}))
+        if central is not None:
+            central.rounds, central.per_round = list(state["central"]["rounds"]), list(state["central"]["per_round"])
+        first = int(resume_from["round"]) + 1
+        log.info("resuming after round %d", first - 1)
     recorder.started()
-    for rnd in range(1, cfg.num_rounds + 1):
+    for rnd in range(first, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
         view = SampledGrid(grid, [node_of[c] for c in sampled])
         messages = list(strategy.configure_train(rnd, arrays, train_config(cfg, rnd), view))
+        if resume_from is not None and ledger is not None:  # fresh client nodes get their DP history back
+            for m in messages:
+                entry = ledger.clients.get(client_of.get(m.metadata.dst_node_id, -1))
+                if entry is not None and entry.get("steps"):
+                    m.content[RESTORE_KEY] = dp_history_record(entry)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         # Aggregate in client order so that float sums do not depend on arrival order.
         replies.sort(key=lambda m: client_of.get(m.metadata.src_node_id, -1))
         ok = [m for m in replies if not m.has_error()]
         failures = {client_of.get(m.metadata.src_node_id, -1): m.error.reason for m in replies if m.has_error()}
+        answered = {m.metadata.src_node_id for m in replies}
+        late = [c for c in sampled if node_of[c] not in answered]  # no reply within round_timeout
+        failures.update({c: f"no reply within round_timeout={cfg.round_timeout:g} s" for c in late})
+        stragglers = len(late) + sum(float(m.content["client"].get("delay", 0.0)) > 0 for m in ok)
         if not ok:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
@@ -487,6 +556,7 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
         if isinstance(strategy, AdversarialStrategy):
             strategy.note_failures(rnd, sorted(failures))
         t_agg = time.perf_counter()
+        np.random.seed(np.random.SeedSequence([cfg.seed, rnd, 0xA6]).generate_state(1)[0])  # Flower's DP noise
         new_arrays, metrics = strategy.aggregate_train(rnd, ok) if ok else (None, None)  # attacks happen in here
         if ledger is not None:
             ledger.end_round(rnd)
@@ -510,9 +580,19 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
             clients=sampled,
             trained=len(ok),  # replies aggregated (sampled minus failed minus out of DP budget)
             failures=len(failures),
+            failed={str(c): _reason(r) for c, r in sorted(failures.items())},
+            stragglers=stragglers,
             seconds=time.perf_counter() - t0,
             attack_seconds=attack_seconds,
         )
+        if cfg.checkpoint:
+            from fl_sim import checkpoint
+
+            checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
+                            model=arrays.to_torch_state_dict(), strategy=strategy, rng=rng, recorder=recorder,
+                            state={"ledger": ledger.state() if ledger is not None else {},
+                                   "central": {"rounds": central.rounds, "per_round": central.per_round}
+                                   if central is not None else {}})
 
 
 class CentralDP:
@@ -585,7 +665,8 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
     def observe(rnd: int, nodes: list[int], sent: list, aggregate: list, results: list) -> None:
         clients = sorted(client_of[n] for n in nodes)
         n_total = sum(int(r.num_examples) for r in results)
-        rounds[rnd].update(trained=len(results), train_loss=sum(
+        rounds[rnd].update(trained=len(results), stragglers=sum(float(r.metrics.get("delay", 0)) > 0 for r in results),
+                           train_loss=sum(
             float(r.metrics["train_loss"]) * int(r.num_examples) for r in results) / max(n_total, 1))
         if attack is None or (cfg.attack.rounds and rnd not in cfg.attack.rounds):
             return
@@ -618,6 +699,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
                              "attack_seconds": 0.0})
         recorder.round(round=rnd, train_loss=r["train_loss"], test_loss=test_loss, test_accuracy=test_acc,
                        clients=r["clients"], trained=r["trained"], failures=len(r["clients"]) - r["trained"],
+                       stragglers=r.get("stragglers", 0),
                        seconds=time.perf_counter() - r["t0"], attack_seconds=r["attack_seconds"])
         return test_loss, {"accuracy": test_acc}
 
@@ -704,13 +786,13 @@ def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[in
         targets=set(a.target_clients) or None, rounds=set(a.rounds) or None, executor=executor)
 
 
-def make_server_app(cfg: dict | DictConfig, recorder) -> ServerApp:
+def make_server_app(cfg: dict | DictConfig, recorder, resume_from: dict | None = None) -> ServerApp:
     conf = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        server_main(conf, grid, recorder, context)
+        server_main(conf, grid, recorder, context, resume_from)
 
     return app
 

@@ -41,7 +41,18 @@ def _app(cfg: DictConfig) -> None:
     if sweeping and not _sweep_dir:
         _sweep_dir.append(str(HydraConfig.get().sweep.dir))
     try:
-        summary = run(cfg, run_dir)
+        resume_from = None
+        if sweeping:  # a sweep run again into the same folder skips what completed, resumes what was cut off
+            from fl_sim import checkpoint
+            from fl_sim.runner import completed_with
+
+            if completed_with(run_dir, cfg):
+                print(f"fl-sim: {run_dir} already completed with this config: skipped")
+                return
+            if (run_dir / checkpoint.FILE).is_file():
+                resume_from = checkpoint.load(run_dir)
+                print(f"fl-sim: resuming {run_dir} after round {resume_from['round']}")
+        summary = run(cfg, run_dir, resume_from=resume_from)
     except ConfigError as e:
         print(f"fl-sim: error: {e}", file=sys.stderr)
         if not sweeping:
@@ -95,8 +106,45 @@ def precheck(overrides: list[str]) -> str | None:
     return None
 
 
+def resume_main(run_dir: str) -> None:
+    """``fl-sim resume=RUN_DIR``: continue an interrupted run from its last checkpoint."""
+    from fl_sim.runner import _one_line, resume
+
+    path = Path(run_dir)
+    fl_log = logging.getLogger("fl_sim")
+    fl_log.setLevel(logging.INFO)
+    fl_log.propagate = False  # one line per message on the console
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    fl_log.addHandler(console)
+    if path.is_dir():  # the run's own log goes on
+        to_file = logging.FileHandler(path / "fl_sim.log")
+        to_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+        fl_log.addHandler(to_file)
+    try:
+        summary = resume(path)
+    except ConfigError as e:
+        print(f"fl-sim: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        if path.is_dir():
+            (path / "error.log").write_text(traceback.format_exc())
+        print(f"fl-sim: error: the resumed run failed: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    _print_rounds(summary)
+    print(f"run directory: {path.resolve()}")
+
+
 def main() -> None:
     args = sys.argv[1:]
+    resumes = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if resumes:
+        if len(args) != 1:
+            print("fl-sim: error: resume=RUN_DIR takes no other arguments (the run keeps its own config)",
+                  file=sys.stderr)
+            sys.exit(2)
+        resume_main(resumes[0])
+        return
     if not any(a.startswith("-") for a in args):
         error = precheck([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
         if error is not None:

@@ -8,11 +8,12 @@ Only ``fl_sim`` sees this config; attacks and defenses receive typed values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
+import math
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, List, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -152,6 +153,7 @@ class BackendConfig:
     ray_address: Optional[str] = None  # join an existing Ray cluster ("auto", "ip:port")
     num_cpus: Optional[int] = None  # CPUs a local Ray instance may use (default: all)
     num_gpus: Optional[int] = None
+    max_actor_restarts: int = -1  # Ray restarts a client actor whose process died (-1: always)
 
 
 @dataclass
@@ -166,6 +168,16 @@ class ClientConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Simulated client failures, seeded per (seed, round, client): the same in every run."""
+
+    client_crash_rate: float = 0.0  # probability that a sampled client fails during training
+    crash_mode: str = "raise"  # raise: an exception in the client | exit: its Ray actor process dies
+    straggler_rate: float = 0.0  # probability that a sampled client is slow
+    straggler_seconds: float = 0.0  # how much slower (beyond round_timeout: its reply is lost)
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = MISSING
     model: ModelConfig = MISSING
@@ -176,6 +188,7 @@ class Config:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     num_clients: int = 10
     num_rounds: int = 3
     seed: int = 0
@@ -184,6 +197,7 @@ class Config:
     round_timeout: float = 3600.0
     verbose: bool = False
     report: bool = True
+    checkpoint: bool = True  # write checkpoint.pt after every round (removed when the run completes)
 
 
 def register_configs() -> None:
@@ -221,6 +235,7 @@ UPDATE_DEFENSES = ("central_dp", "local_dp", "prune", "quantize", "noise", "seca
 CUT_DEFENSES = ("cut_noise", "cut_dropout", "nopeek")  # split only
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu")  # fl_sim.models.ACTIVATIONS
 
 
 def active_defenses(cfg: Any) -> list[str]:
@@ -237,8 +252,38 @@ def _choice(key: str, value: Any, options: tuple) -> None:
     _need(value in options, f"{key}={value!r} is not known; choose one of {', '.join(options)}")
 
 
+def _unknown_keys(node: dict, schema: type, prefix: str = "") -> list[str]:
+    """Keys of ``node`` that the dataclass ``schema`` does not declare (Hydra lets ``+key=value`` add them)."""
+    types = get_type_hints(schema)
+    out = []
+    for key, value in node.items():
+        if key not in types:
+            out.append(prefix + str(key))
+        elif is_dataclass(types[key]) and isinstance(value, dict):
+            out += _unknown_keys(value, types[key], f"{prefix}{key}.")
+    return out
+
+
+def _non_finite(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every NaN or Inf number in the config (Hydra reads ``nan`` and ``inf`` as floats)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    out = []
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(node, dict) else f"{prefix.rstrip('.')}[{key}]"
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append((name, value))
+        elif isinstance(value, (dict, list)):
+            out += _non_finite(value, name + ".")
+    return out
+
+
 def validate(cfg: Any) -> None:
     """Check value ranges and group combinations; raise ConfigError naming the key."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    for key in _unknown_keys(plain, Config):
+        raise ConfigError(f"{key} is not a key of fl-sim's config (added with +?); fl-sim --cfg job lists the keys")
+    for key, value in _non_finite(plain):
+        raise ConfigError(f"{key}={value} is not a finite number")
     _need(cfg.num_clients >= 1, f"num_clients must be at least 1 (got {cfg.num_clients}); set num_clients=N with N >= 1")
     _need(cfg.num_rounds >= 1, f"num_rounds must be at least 1 (got {cfg.num_rounds}); set num_rounds=N with N >= 1")
     _need(str(cfg.device) in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
@@ -306,13 +351,28 @@ def validate(cfg: Any) -> None:
     _need(cfg.client.batch_size >= 1, f"client.batch_size must be at least 1 (got {cfg.client.batch_size})")
     _need(cfg.client.local_epochs >= 1, f"client.local_epochs must be at least 1 (got {cfg.client.local_epochs})")
     _need(cfg.client.lr > 0, f"client.lr must be > 0 (got {cfg.client.lr})")
+    _need(cfg.client.momentum >= 0, f"client.momentum must be >= 0 (got {cfg.client.momentum})")
+    _need(cfg.client.weight_decay >= 0, f"client.weight_decay must be >= 0 (got {cfg.client.weight_decay})")
     _need(0 <= cfg.client.dropout < 1, f"client.dropout must be in [0, 1) (got {cfg.client.dropout}); "
                                        "it is the probability that a sampled client drops out of a round")
+    f = cfg.faults
+    _need(0 <= f.client_crash_rate < 1, f"faults.client_crash_rate must be in [0, 1) (got {f.client_crash_rate})")
+    _choice("faults.crash_mode", f.crash_mode, ("raise", "exit"))
+    _need(0 <= f.straggler_rate <= 1, f"faults.straggler_rate must be in [0, 1] (got {f.straggler_rate})")
+    _need(f.straggler_seconds >= 0, f"faults.straggler_seconds must be >= 0 (got {f.straggler_seconds})")
     _need(cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1 (got {cfg.eval_batch_size})")
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")
     res = cfg.backend.client_resources
     _need(res.num_cpus > 0, f"backend.client_resources.num_cpus must be > 0 (got {res.num_cpus})")
+    _need(cfg.backend.max_actor_restarts >= -1,
+          f"backend.max_actor_restarts must be -1 (always) or >= 0 (got {cfg.backend.max_actor_restarts})")
     _need(res.num_gpus >= 0, f"backend.client_resources.num_gpus must be >= 0 (got {res.num_gpus})")
+    _need(cfg.backend.num_cpus is None or cfg.backend.num_cpus >= 1,
+          f"backend.num_cpus must be at least 1 (got {cfg.backend.num_cpus})")
+    _need(cfg.backend.num_cpus is None or res.num_cpus <= cfg.backend.num_cpus,
+          f"backend.client_resources.num_cpus={res.num_cpus} exceeds backend.num_cpus={cfg.backend.num_cpus}: "
+          "no client could start")
+    _choice("model.activation", cfg.model.activation, ACTIVATIONS)
     _need(cfg.model.width >= 1, f"model.width must be at least 1 (got {cfg.model.width})")
     _need(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden),
           f"model.hidden must list positive layer sizes (got {list(cfg.model.hidden)})")
@@ -387,6 +447,23 @@ def validate_defense(cfg: Any) -> None:
         _need(d.secagg_num_shares <= 1 or d.secagg_num_shares >= 3,
               f"defense.secagg_num_shares as a count must be at least 3 (got {d.secagg_num_shares})")
         _need(d.secagg_clipping_range > 0, f"defense.secagg_clipping_range must be > 0 (got {d.secagg_clipping_range})")
+        n, s = cfg.num_clients, cfg.strategy
+        sampled = min(n, max(int(n * s.fraction_train), s.min_train_clients))  # fl_sim.apps.num_sampled's rule
+        _need(sampled >= 2, f"defense=secagg needs at least 2 clients sampled each round (got {sampled}: num_clients={n}, "
+                            f"strategy.fraction_train={s.fraction_train}); SecAgg+ masks an update with other clients'")
+        shares, threshold = d.secagg_num_shares, d.secagg_reconstruction_threshold
+        _need(shares <= 1 or shares <= sampled,
+              f"defense.secagg_num_shares={int(shares)} exceeds the {sampled} clients sampled each round")
+        if shares > 1:  # shares of each secret, as Flower's SecAggPlusWorkflow resolves them
+            resolved = int(shares)
+        else:
+            resolved = round(shares * sampled)
+            resolved += 1 if resolved < sampled and resolved % 2 == 0 else 0
+            resolved = sampled if resolved <= 2 else resolved
+        limit = resolved - 1 if shares > 1 else resolved  # Flower: a count threshold below a count of shares
+        _need(threshold <= 1 or int(threshold) <= limit,
+              f"defense.secagg_reconstruction_threshold={int(threshold)} exceeds the {limit} allowed with {resolved} "
+              f"shares of each secret ({sampled} clients sampled each round)")
 
 
 def defense_name(cfg: Any) -> str:

@@ -11,9 +11,11 @@ Partitions come from flwr-datasets partitioners over the (seeded, shuffled) trai
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import re
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,18 +131,42 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: a dict with 'data' (N x 3072 uint8, channel-first 32x32) and N labels
+    ('labels', or CIFAR-100's 'fine_labels'). Anything else is refused, naming the file."""
     try:
         with open(path, "rb") as f:
             d = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a dict, got {type(d).__name__}")
         d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-        data = np.asarray(d["data"], dtype=np.uint8)
+        if "data" not in d:
+            raise ValueError(f"no 'data' entry (entries: {', '.join(map(str, d)) or 'none'})")
         labels = d.get("labels", d.get("fine_labels"))
-        labels = np.asarray(labels, dtype=np.int64)
+        if labels is None:
+            raise ValueError("no 'labels' (CIFAR-10) or 'fine_labels' (CIFAR-100) entry")
+        data = np.asarray(d["data"])
+        if data.dtype != np.uint8:
+            if not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255)):
+                raise ValueError(f"'data' must hold pixel values 0..255 as uint8, got dtype {data.dtype}")
+            data = data.astype(np.uint8)
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
+            raise ValueError(f"labels must be a list of integers, got dtype {labels.dtype} and shape {labels.shape}")
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
             raise ValueError(f"expected 'data' of shape (N, 3072) and N labels, got {data.shape} and {len(labels)}")
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"labels must be non-negative, got {labels.min()}")
     except Exception as e:  # noqa: BLE001 - any failure means a malformed file
-        raise ConfigError(f"dataset.path: {path} is not a readable CIFAR python batch ({e})") from e
-    return data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, labels
+        raise ConfigError(f"dataset.path: {path} is not a readable CIFAR python batch ({_reason(e)})") from e
+    return data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0, labels.astype(np.int64)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a short phrase on one line (a truncated pickle says only 'EOFError')."""
+    text = " ".join(str(e).split())
+    if isinstance(e, ValueError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else f"{type(e).__name__}: truncated or corrupt file"
 
 
 def load_cifar_pickle(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -166,16 +192,21 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"dataset.path: cannot read IDX file {path} ({e})") from e
+    except (OSError, EOFError, zlib.error) as e:  # a truncated .gz ends in EOFError
+        raise ConfigError(f"dataset.path: cannot read IDX file {path} ({_reason(e)})") from e
+    if len(raw) >= 4 and raw[0] == 0 and raw[1] == 0 and raw[2] != 0x08:
+        raise ConfigError(f"dataset.path: {path} is an IDX file of type 0x{raw[2]:02X}; fl-sim reads unsigned-byte "
+                          "(0x08) IDX files")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ConfigError(f"dataset.path: {path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if ndim == 0:
+        raise ConfigError(f"dataset.path: {path} declares 0 dimensions (corrupt header)")
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ConfigError(f"dataset.path: {path} is truncated (header incomplete)")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: a corrupt header cannot overflow
     if len(raw) - header != expected:
         raise ConfigError(f"dataset.path: {path} has {len(raw) - header} data bytes, its header says {expected} "
                           "(truncated or corrupt file)")
@@ -204,6 +235,8 @@ def load_mnist_idx(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ConfigError(f"dataset.path: {ip} holds {x.shape}, {lp} holds {y.shape}; "
                               "expected (N, H, W) images and N labels")
+        if len(x) == 0 or 0 in x.shape[1:]:
+            raise ConfigError(f"dataset.path: {ip} holds no images (shape {x.shape})")
         return _to_nchw(x), y.astype(np.int64)
 
     x, y = pair(imgs, labs)
@@ -211,6 +244,9 @@ def load_mnist_idx(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
     if ti is None or tl is None:
         return x, y, None, None
     xt, yt = pair(ti, tl)
+    if xt.shape[1:] != x.shape[1:]:
+        raise ConfigError(f"dataset.path: {ti} holds {xt.shape[2]}x{xt.shape[3]} images, {imgs} "
+                          f"{x.shape[2]}x{x.shape[3]}; the test images must have the training images' size")
     return x, y, xt, yt
 
 
@@ -322,6 +358,11 @@ def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int,
         raise ConfigError(f"dataset={ds_cfg.name}: expected N images with N labels, got {x.shape} and {y.shape}")
     if y.min() < 0:
         raise ConfigError(f"dataset={ds_cfg.name}: labels must be non-negative integers")
+    if x_test is not None and (x_test.shape[1:] != x.shape[1:] or len(x_test) != len(y_test) or len(x_test) == 0):
+        raise ConfigError(f"dataset={ds_cfg.name}: the test split holds {x_test.shape} images and {len(y_test)} "
+                          f"labels; expected N images of the training shape {x.shape[1:]} with N labels")
+    if not (np.isfinite(x).all() and (x_test is None or np.isfinite(x_test).all())):
+        raise ConfigError(f"dataset={ds_cfg.name}: the images hold NaN or Inf values")
     rng = np.random.default_rng(seed)
     if x_test is None:
         if ds_cfg.max_examples:

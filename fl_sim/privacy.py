@@ -40,7 +40,18 @@ class PrivacyLedger:
             return
         self.clients[client] = {"epsilon": eps, "rounds": [int(r) for r in record["rounds"] if int(r) > 0],
                                 "noise_multiplier": float(record["noise-multiplier"]),
-                                "sample_rate": float(record["sample-rate"])}
+                                "sample_rate": float(record["sample-rate"]),
+                                "steps": [int(v) for v in record["steps"] if int(v) > 0] if "steps" in record else []}
+
+    def state(self) -> dict:
+        """For the checkpoint (JSON: ε may be Infinity)."""
+        return {"clients": {str(c): v for c, v in self.clients.items()}, "per_round": self.per_round,
+                "stopped": self.stopped}
+
+    def restore(self, state: dict) -> None:
+        self.clients = {int(c): v for c, v in state.get("clients", {}).items()}
+        self.per_round = list(state.get("per_round", []))
+        self.stopped = list(state.get("stopped", []))
 
     def end_round(self, server_round: int) -> None:
         worst = max((c["epsilon"] for c in self.clients.values()), default=None)

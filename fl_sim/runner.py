@@ -19,7 +19,7 @@ import fl_sim._quiet  # noqa: F401
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fl_sim.config import ConfigError, defense_name, register_configs, validate
+from fl_sim.config import Config, ConfigError, defense_name, register_configs, validate
 
 log = logging.getLogger("fl_sim")
 
@@ -182,8 +182,11 @@ def backend_config(cfg: DictConfig) -> dict:
         if b.num_gpus is not None:
             init_args["num_gpus"] = int(b.num_gpus)
     return {
+        # Flower's actor pool keeps a dead actor's handle: Ray restarts its process (max_restarts), so a
+        # client process that dies costs its message, not every later message sent to that actor
         "client_resources": {"num_cpus": float(b.client_resources.num_cpus),
-                             "num_gpus": float(b.client_resources.num_gpus)},
+                             "num_gpus": float(b.client_resources.num_gpus),
+                             "max_restarts": int(b.max_actor_restarts)},
         "init_args": init_args,
     }
 
@@ -233,9 +236,14 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
                            "initial_sha256": digest.hexdigest()}
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
-    """Run one experiment; always leaves ``summary.json`` (``status`` "completed" or "failed")."""
+def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = None) -> dict:
+    """Run one experiment; always leaves ``summary.json`` (``status`` "completed" or "failed").
+    ``resume_from``: a checkpoint (``fl_sim.checkpoint.load``) of this run to continue from."""
     recorder = RunRecorder(cfg, Path(run_dir))
+    if resume_from is not None:
+        from fl_sim import checkpoint
+
+        checkpoint.restore_recorder(recorder, resume_from["recorder"])
     try:
         from flwr.simulation import run_simulation
 
@@ -254,7 +262,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
             run_simulation(
-                server_app=make_server_app(cfg, recorder),
+                server_app=make_server_app(cfg, recorder, resume_from),
                 client_app=make_client_app(plain),
                 num_supernodes=cfg.num_clients,
                 backend_config=backend_config(cfg),
@@ -263,11 +271,53 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         recorder.simulation_finished()
         if len(recorder.rounds) != cfg.num_rounds:
             raise RuntimeError(f"the simulation ended after {len(recorder.rounds)} of {cfg.num_rounds} rounds")
-        return recorder.finish("completed")
+        summary = recorder.finish("completed")
+        from fl_sim.checkpoint import FILE
+
+        (recorder.run_dir / FILE).unlink(missing_ok=True)  # a completed run needs no checkpoint
+        return summary
     except BaseException as e:  # noqa: BLE001 - the failure is recorded, then re-raised
         recorder.simulation_finished()
         recorder.finish("failed", error=_one_line(e))
         raise
+
+
+def resume(run_dir: str | os.PathLike) -> dict:
+    """Continue the interrupted run in ``run_dir`` from its checkpoint, with the config it was started
+    with; ends with the summary.json an uninterrupted run would have written (timings aside)."""
+    from fl_sim import checkpoint
+
+    ck = checkpoint.load(Path(run_dir))
+    register_configs()
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), ck["config"])
+    if cfg.scenario.name == "split" or cfg.defense.secagg:
+        raise ConfigError(f"{run_dir}: resuming a {'split-learning' if cfg.scenario.name == 'split' else 'secagg'} "
+                          "run is not supported (only federated runs on the Message API write checkpoints)")
+    return run(cfg, run_dir, resume_from=ck)
+
+
+def completed_with(run_dir: Path, cfg: DictConfig) -> bool:
+    """Whether ``run_dir`` holds a completed run of this very config (a sweep re-run skips it)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    now = OmegaConf.to_container(cfg, resolve=True)
+    default_cut = now.get("scenario", {}).get("cut_layer") is None
+    return s.get("status") == "completed" and _comparable(s.get("config") or {}, default_cut) == _comparable(
+        now, default_cut)
+
+
+def _comparable(config: dict, default_cut: bool) -> dict:
+    """A config without what prepare() fills in (the stacked defense's name; the cut, if by default)."""
+    c = json.loads(json.dumps(config))
+    c.get("defense", {}).pop("name", None)
+    if default_cut:
+        c.get("scenario", {}).pop("cut_layer", None)
+    return c
 
 
 def _one_line(e: BaseException) -> str:

@@ -135,7 +135,7 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
     With ``defense=dpsgd`` the client-side model trains with DP-SGD (Opacus' per-example clipping and
     noise on its own parameters, Poisson batches): the gradient at the cut of example i only depends
     on example i, so per-example gradients of the bottom are exact. ε is accounted as in federated runs."""
-    from fl_sim.apps import DPBudget, _maybe_drop_out, workspace
+    from fl_sim.apps import DPBudget, _maybe_drop_out, restore_dp, workspace
 
     ws = workspace(cfg, "client")
     cid = int(context.node_config["partition-id"])
@@ -148,10 +148,12 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
     work = copy.deepcopy(split(cfg, ws.model)[0]).train()  # Opacus' hooks must not stay on the workspace model
     opt = make_optimizer(str(conf["optimizer"]), work.parameters(), lr, float(conf["momentum"]),
                          float(conf["weight-decay"]))
+    if k == 0:
+        restore_dp(msg, context)
     budget = DPBudget.load(context, cfg, len(x), epochs, batch_size) if dp else None
     content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan)})}
     if k == 0:
-        _maybe_drop_out(cfg, rnd, cid)
+        content["client"]["delay"] = _maybe_drop_out(cfg, rnd, cid)
         work.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         if budget is not None:
             if budget.would_exceed(len(plan)):  # out of budget: no training this round nor later
@@ -236,6 +238,7 @@ class SplitServer:
         if a.name == "fsha":
             self.attack.setup(copy.deepcopy(self.bottom), data.input_shape, aux)
         self.loss_sum, self.loss_count = 0.0, 0
+        self.stragglers: set[int] = set()
 
     def attacked(self, server_round: int, cid: int, step: int) -> bool:
         a = self.cfg.attack
@@ -304,6 +307,12 @@ class SplitServer:
         while pending:
             replies = list(grid.send_and_receive(pending, timeout=float(self.cfg.round_timeout)))
             replies.sort(key=lambda m: client_of.get(m.metadata.src_node_id, -1))  # deterministic top updates
+            answered = {m.metadata.src_node_id for m in replies}
+            for m in pending:
+                if m.metadata.dst_node_id not in answered:
+                    failures[client_of[m.metadata.dst_node_id]] = \
+                        f"no reply within round_timeout={self.cfg.round_timeout:g} s"
+                    self.stragglers.add(client_of[m.metadata.dst_node_id])
             pending = []
             for reply in replies:
                 cid = client_of.get(reply.metadata.src_node_id, -1)
@@ -314,6 +323,8 @@ class SplitServer:
                     finals.append(reply)
                     continue
                 step = int(reply.content["client"]["step"])
+                if float(reply.content["client"].get("delay", 0.0)) > 0:
+                    self.stragglers.add(cid)
                 rec = reply.content["activations"].to_torch_state_dict()
                 a, y = rec["activations"].float(), rec["labels"].long()
                 if self.attacked(server_round, cid, step):
@@ -325,7 +336,7 @@ class SplitServer:
 
 def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
     """The training loop of a split-learning run: sample, train each client's turn(s), evaluate, record."""
-    from fl_sim.apps import (attack_executor, discover_clients, initial_model, privacy_ledger, sample_clients,
+    from fl_sim.apps import (_reason, attack_executor, discover_clients, initial_model, privacy_ledger, sample_clients,
                              train_config, workspace)
     from fl_sim.attacking import evaluate_outcome
     from strategies import make_strategy
@@ -354,7 +365,7 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
     recorder.started()
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        server.loss_sum, server.loss_count = 0.0, 0
+        server.loss_sum, server.loss_count, server.stragglers = 0.0, 0, set()
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
         config = train_config(cfg, rnd)
         failures: dict[int, str] = {}
@@ -393,6 +404,8 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
             round=rnd,
             train_loss=server.loss_sum / server.loss_count if server.loss_count else None,
             test_loss=test_loss, test_accuracy=test_acc, clients=sampled, trained=trained,
-            failures=len(failures), seconds=time.perf_counter() - t0, attack_seconds=attack_seconds)
+            failures=len(failures), failed={str(c): _reason(r) for c, r in sorted(failures.items())},
+            stragglers=len(server.stragglers), seconds=time.perf_counter() - t0,
+            attack_seconds=attack_seconds)
         if failures:
             log.warning("round %d: clients %s failed", rnd, sorted(failures))
