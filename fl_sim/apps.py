@@ -40,6 +40,7 @@ from fl_sim.privacy import PrivacyLedger
 from fl_sim.training import evaluate, local_train, make_optimizer, resolve_device
 from strategies import make_strategy
 from strategies.adversarial import AdversarialStrategy
+from strategies.guard import RejectNonFinite
 from strategies.registry import with_central_dp
 
 log = logging.getLogger("fl_sim")
@@ -145,6 +146,11 @@ def _maybe_drop_out(cfg: DictConfig, server_round: int, cid: int) -> float:
     return 0.0
 
 
+def sends_nan(cfg: DictConfig, server_round: int, cid: int) -> bool:
+    rate = float(cfg.faults.nan_update_rate)
+    return rate > 0 and np.random.default_rng([cfg.seed, server_round, cid, 0xFA]).random(3)[2] < rate
+
+
 def _reason(text: str | None) -> str:
     """The last line of a failure's reason (Flower sends the client's traceback)."""
     lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
@@ -189,6 +195,8 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
             generator=gen)
     else:
         state, loss, steps = _plain_train(ws.model, x, y, conf, gen)
+    if sends_nan(cfg, server_round, cid):  # a diverged client (faults.nan_update_rate)
+        state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
     if budget is not None:
         budget.spend(server_round, steps if cfg.defense.dpsgd else 1)
         budget.save(context)
@@ -505,6 +513,8 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
                                    clipping_norm=float(d.clipping_norm), num_sampled_clients=central.num_sampled)
     node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
     client_of = {n: c for c, n in node_of.items()}
+    # NaN/Inf in an update is rejected and reported, never averaged (nor clipped by a DP wrapper)
+    guard = strategy = RejectNonFinite(strategy, client_of=lambda m: client_of.get(m.metadata.src_node_id, -1))
     if cfg.attack.name != "none":
         strategy = adversarial_server(cfg, strategy, ws, client_of)
     ledger = privacy_ledger(cfg, ws)
@@ -533,10 +543,12 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
         view = SampledGrid(grid, [node_of[c] for c in sampled])
         messages = list(strategy.configure_train(rnd, arrays, train_config(cfg, rnd), view))
         if resume_from is not None and ledger is not None:  # fresh client nodes get their DP history back
-            for m in messages:
+            for i, m in enumerate(messages):
                 entry = ledger.clients.get(client_of.get(m.metadata.dst_node_id, -1))
-                if entry is not None and entry.get("steps"):
-                    m.content[RESTORE_KEY] = dp_history_record(entry)
+                if entry is not None and entry.get("steps"):  # Flower's messages share one content: copy it
+                    content = RecordDict({**dict(m.content.items()), RESTORE_KEY: dp_history_record(entry)})
+                    messages[i] = Message(content=content, dst_node_id=m.metadata.dst_node_id,
+                                          message_type=m.metadata.message_type)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         # Aggregate in client order so that float sums do not depend on arrival order.
         replies.sort(key=lambda m: client_of.get(m.metadata.src_node_id, -1))
@@ -553,8 +565,11 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
             for m in ok:
                 ledger.observe(rnd, client_of.get(m.metadata.src_node_id, -1), m.content["privacy"])
             ok = [m for m in ok if not bool(m.content["privacy"]["declined"])]
+        seen = len(guard.rejected)
+        ok = guard.screen(rnd, ok)  # before the attack sees it too
+        rejected = [{"client": e.get("client", -1), "reason": e["reason"]} for e in guard.rejected[seen:]]
         if isinstance(strategy, AdversarialStrategy):
-            strategy.note_failures(rnd, sorted(failures))
+            strategy.note_failures(rnd, sorted(set(failures) | {e["client"] for e in rejected}))
         t_agg = time.perf_counter()
         np.random.seed(np.random.SeedSequence([cfg.seed, rnd, 0xA6]).generate_state(1)[0])  # Flower's DP noise
         new_arrays, metrics = strategy.aggregate_train(rnd, ok) if ok else (None, None)  # attacks happen in here
@@ -581,6 +596,7 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
             trained=len(ok),  # replies aggregated (sampled minus failed minus out of DP budget)
             failures=len(failures),
             failed={str(c): _reason(r) for c, r in sorted(failures.items())},
+            rejected=rejected,
             stragglers=stragglers,
             seconds=time.perf_counter() - t0,
             attack_seconds=attack_seconds,

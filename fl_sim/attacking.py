@@ -43,7 +43,8 @@ def attack_from_config(a: DictConfig):
     if a.name == "unsplit":
         return make_attack("unsplit", rounds=a.iterations, lr_input=a.lr, tv=a.tv, seed=a.seed)
     if a.name == "fsha":
-        return make_attack("fsha", seed=a.seed)
+        return make_attack("fsha", lr_encoder=a.lr, lr_discriminator=a.lr, gradient_penalty=a.gradient_penalty,
+                           seed=a.seed)
     raise ValueError(f"attack={a.name} is not known")
 
 

@@ -89,6 +89,7 @@ class AttackConfig:
     labels_known: bool = False  # threat model: the server knows the clients' labels
     seed: int = 0
     auxiliary_fraction: float = 0.0  # share of the training pool set aside as the attacker's own data
+    gradient_penalty: float = 10.0  # fsha: WGAN-GP weight of its critic
     batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
     num_cpus: float = 1.0  # threads of each attack worker
@@ -175,6 +176,7 @@ class FaultsConfig:
     crash_mode: str = "raise"  # raise: an exception in the client | exit: its Ray actor process dies
     straggler_rate: float = 0.0  # probability that a sampled client is slow
     straggler_seconds: float = 0.0  # how much slower (beyond round_timeout: its reply is lost)
+    nan_update_rate: float = 0.0  # probability that a sampled client sends an update full of NaN (diverged)
 
 
 @dataclass
@@ -359,6 +361,7 @@ def validate(cfg: Any) -> None:
     _need(0 <= f.client_crash_rate < 1, f"faults.client_crash_rate must be in [0, 1) (got {f.client_crash_rate})")
     _choice("faults.crash_mode", f.crash_mode, ("raise", "exit"))
     _need(0 <= f.straggler_rate <= 1, f"faults.straggler_rate must be in [0, 1] (got {f.straggler_rate})")
+    _need(0 <= f.nan_update_rate <= 1, f"faults.nan_update_rate must be in [0, 1] (got {f.nan_update_rate})")
     _need(f.straggler_seconds >= 0, f"faults.straggler_seconds must be >= 0 (got {f.straggler_seconds})")
     _need(cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1 (got {cfg.eval_batch_size})")
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")

@@ -186,7 +186,9 @@ def backend_config(cfg: DictConfig) -> dict:
         # client process that dies costs its message, not every later message sent to that actor
         "client_resources": {"num_cpus": float(b.client_resources.num_cpus),
                              "num_gpus": float(b.client_resources.num_gpus),
-                             "max_restarts": int(b.max_actor_restarts)},
+                             "max_restarts": int(b.max_actor_restarts),
+                             # a message that reached an actor while it restarted is delivered again, once
+                             "max_task_retries": 1 if b.max_actor_restarts != 0 else 0},
         "init_args": init_args,
     }
 
