@@ -1,5 +1,6 @@
 """scenario=split on the real Flower simulation (Ray), and its config checks (no Ray)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,33 @@ def test_default_cut_is_after_the_first_non_linearity():
     assert default_cut(build_model("lenet", (1, 8, 8), 10)) == "body.1"
     assert default_cut(build_model("mlp", (1, 8, 8), 10, hidden=(16,))) == "net.2"
     assert default_cut(build_model("cnn", (1, 28, 28), 10)) == "body.1"
+
+
+def test_the_split_server_hands_activation_attacks_what_they_need_and_the_evaluator_scores_the_batch(compose):
+    """The server side without Ray: the observed batch goes to inverse_network with the attacker's own
+    data (attack.auxiliary_fraction) and the client-side weights sent; the evaluator scores it against
+    exactly that batch of the client's data."""
+    from fl_sim.apps import initial_model, workspace
+    from fl_sim.attacking import evaluate_outcome
+    from fl_sim.metrics import psnr
+    from fl_sim.split import SplitServer, batch_plan
+    from strategies.adversarial import run_jobs_sequentially
+
+    cfg = compose(SPLIT + ["model=lenet", "scenario.cut_layer=body.1", "num_clients=2", "attack=inverse_network",
+                           "attack.iterations=100"])
+    validate(cfg)
+    data = workspace(cfg, "server").data
+    assert data.x_aux is not None and len(data.x_aux) > 100  # set aside, held by no client
+    server = SplitServer(cfg, initial_model(cfg, data), data, recorder=None)
+    x, y = (torch.from_numpy(a) for a in data.client(0))
+    batch = batch_plan(len(x), 1, 32, cfg.seed, 1, 0)[0]
+    with torch.no_grad():
+        a = server.bottom(x[torch.from_numpy(batch)])
+    assert server.attacked(1, 0, 0) and not server.attacked(1, 1, 0) and not server.attacked(1, 0, 1)
+    server.observe(1, 0, 0, a, y[torch.from_numpy(batch)], server.bottom.state_dict(), batch)
+    (job,) = server.jobs
+    assert job.knowledge.auxiliary_inputs is not None and job.observed == "activations"
+    entry = evaluate_outcome(run_jobs_sequentially(server.attack, server.jobs)[0], data, "inverse_network", None)
+    truth = (x[torch.from_numpy(batch)].numpy() * data.std[0] + data.mean[0]).clip(0, 1)
+    baseline = psnr(truth, np.broadcast_to(truth.mean(0, keepdims=True), truth.shape))
+    assert entry["batch_size"] == 32 and entry["psnr"] > baseline + 3, (entry["psnr"], baseline)
