@@ -494,7 +494,7 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
     if cfg.scenario.name == "split":
         from fl_sim.split import server_main_split
 
-        return server_main_split(cfg, grid, recorder)
+        return server_main_split(cfg, grid, recorder, resume_from)
     if cfg.defense.secagg:
         return server_main_secagg(cfg, grid, context, recorder)
     ws = workspace(cfg, "server")

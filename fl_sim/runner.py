@@ -292,9 +292,8 @@ def resume(run_dir: str | os.PathLike) -> dict:
     ck = checkpoint.load(Path(run_dir))
     register_configs()
     cfg = OmegaConf.merge(OmegaConf.structured(Config), ck["config"])
-    if cfg.scenario.name == "split" or cfg.defense.secagg:
-        raise ConfigError(f"{run_dir}: resuming a {'split-learning' if cfg.scenario.name == 'split' else 'secagg'} "
-                          "run is not supported (only federated runs on the Message API write checkpoints)")
+    if cfg.defense.secagg or cfg.attack.name == "fsha":  # they write no checkpoint: cannot get here normally
+        raise ConfigError(f"{run_dir}: resuming a {'secagg' if cfg.defense.secagg else 'fsha'} run is not supported")
     return run(cfg, run_dir, resume_from=ck)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,6 +53,7 @@ from fl_sim.training import evaluate, make_optimizer
 log = logging.getLogger("fl_sim")
 
 STATE_BOTTOM, STATE_OPTIMIZER = "split-bottom", "split-optimizer"
+RESTORE_KEY = "dp-restore"  # fl_sim.apps.RESTORE_KEY
 _NONLINEAR = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d)
 
 
@@ -239,6 +240,7 @@ class SplitServer:
             self.attack.setup(copy.deepcopy(self.bottom), data.input_shape, aux)
         self.loss_sum, self.loss_count = 0.0, 0
         self.stragglers: set[int] = set()
+        self.restore: dict[int, ConfigRecord] = {}  # after a resume: clients' DP histories to hand back
 
     def attacked(self, server_round: int, cid: int, step: int) -> bool:
         a = self.cfg.attack
@@ -301,7 +303,8 @@ class SplitServer:
             conf = ConfigRecord({**dict(config), "step": step})
             return Message(RecordDict({"config": conf, **extra}), dst_node_id=node_of[cid], message_type="train")
 
-        pending = [message(c, 0, {"arrays": start_record}) for c in clients]
+        pending = [message(c, 0, {"arrays": start_record, **({RESTORE_KEY: self.restore[c]} if c in self.restore else {})})
+                   for c in clients]
         finals: list[Message] = []
         failures: dict[int, str] = {}
         while pending:
@@ -334,10 +337,12 @@ class SplitServer:
         return finals, failures
 
 
-def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
-    """The training loop of a split-learning run: sample, train each client's turn(s), evaluate, record."""
-    from fl_sim.apps import (_reason, attack_executor, discover_clients, initial_model, privacy_ledger, sample_clients,
-                             train_config, workspace)
+def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict | None = None) -> None:
+    """The training loop of a split-learning run: sample, train each client's turn(s), evaluate, record,
+    checkpoint (not with fsha, whose networks are not saved); ``resume_from``: a loaded checkpoint."""
+    from fl_sim import checkpoint
+    from fl_sim.apps import (_reason, attack_executor, discover_clients, dp_history_record, initial_model,
+                             privacy_ledger, sample_clients, train_config, workspace)
     from fl_sim.attacking import evaluate_outcome
     from strategies import make_strategy
 
@@ -362,8 +367,19 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
             ledger.observe(rnd, client_of.get(m.metadata.src_node_id, -1), m.content["privacy"])
         return [m for m in finals if not bool(m.content["privacy"]["declined"])]
 
+    first = 1
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        bottom_state = {k: v.detach().clone() for k, v in server.bottom.state_dict().items()}
+        _load_optimizer(server.top_opt, ArrayRecord(resume_from["extra"]["top_optimizer"]))
+        checkpoint.restore_rng(rng, resume_from["rng"])
+        if ledger is not None:
+            ledger.restore(resume_from["state"].get("ledger", {}))
+            server.restore = {c: dp_history_record(e) for c, e in ledger.clients.items() if e.get("steps")}
+        first = int(resume_from["round"]) + 1
+        log.info("resuming after round %d", first - 1)
     recorder.started()
-    for rnd in range(1, cfg.num_rounds + 1):
+    for rnd in range(first, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         server.loss_sum, server.loss_count, server.stragglers = 0.0, 0, set()
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
@@ -409,3 +425,9 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder) -> None:
             attack_seconds=attack_seconds)
         if failures:
             log.warning("round %d: clients %s failed", rnd, sorted(failures))
+        if cfg.checkpoint and cfg.attack.name != "fsha":
+            checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
+                            model=model.state_dict(), extra={"top_optimizer": _save_optimizer(server.top_opt)
+                                                             .to_torch_state_dict()},
+                            rng=rng, recorder=recorder,
+                            state={"ledger": ledger.state() if ledger is not None else {}})

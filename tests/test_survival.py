@@ -158,3 +158,16 @@ def test_a_sweep_rerun_skips_runs_completed_with_the_same_config(compose, tmp_pa
     assert not completed_with(tmp_path, compose(TINY + ["seed=1"]))
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
     assert not completed_with(tmp_path, cfg)
+
+
+def test_split_optimiser_state_survives_the_trip_through_records():
+    from fl_sim.split import _load_optimizer, _save_optimizer
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    fresh = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _load_optimizer(fresh, _save_optimizer(opt))
+    for p in net.parameters():
+        assert torch.equal(fresh.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
