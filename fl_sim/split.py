@@ -406,6 +406,13 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
         if not trained and failures:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        if server.attack is not None and (server.rounds is None or rnd in server.rounds):
+            attacked = {j.client for j in server.jobs} | {o.job.client for o in server.outcomes}
+            for cid in sorted(set(failures) & set(sampled)):
+                if (server.targets is None or cid in server.targets) and cid not in attacked:
+                    skipped = {"round": rnd, "client": cid, "reason": "the client failed this round"}
+                    log.warning("attack skipped: round %d client %d (%s)", rnd, cid, skipped["reason"])
+                    recorder.skipped_attacks.append(skipped)
         t_attack = time.perf_counter()
         if server.jobs:
             server.outcomes += executor(server.attack, server.jobs)
