@@ -72,4 +72,4 @@ class RMLE:
         images = (x.detach() * std + mean).clamp(0, 1)
         labels = None if observation.labels is None else observation.labels.cpu()
         return Reconstruction(images.cpu(), labels, iterations=self.iterations, evaluations=self.iterations,
-                              loss=float(match), info={"labels_given": labels is not None})
+                              loss=float(match.detach()), info={"labels_given": labels is not None})

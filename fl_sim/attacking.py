@@ -181,6 +181,17 @@ def true_batch(data: FederatedData, clients: int | list[int],
     return np.clip(x, 0, 1), y
 
 
+def evaluate_label_guess(guess: dict, data: FederatedData) -> dict:
+    """Score label leakage (classes up to a renaming) against the batch's true labels; the summary entry."""
+    from attacks.label_leakage import label_accuracy_up_to_renaming
+
+    _, y_true = true_batch(data, guess["client"], guess["batch"])
+    return {"round": guess["round"], "client": guess["client"], "attack": "label_leakage", "observed": "cut_gradients",
+            "batch_size": int(len(y_true)), "psnr": None, "ssim": None,
+            "label_accuracy": label_accuracy_up_to_renaming(np.asarray(guess["guess"]), y_true),
+            "iterations": 0, "evaluations": 0, "seconds": guess["seconds"]}
+
+
 def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, max_images: int = 16) -> None:
     """Originals (top row) above their matched reconstructions (bottom row)."""
     import matplotlib

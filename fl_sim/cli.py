@@ -50,8 +50,16 @@ def _app(cfg: DictConfig) -> None:
                 print(f"fl-sim: {run_dir} already completed with this config: skipped")
                 return
             if (run_dir / checkpoint.FILE).is_file():
-                resume_from = checkpoint.load(run_dir)
-                print(f"fl-sim: resuming {run_dir} after round {resume_from['round']}")
+                from omegaconf import OmegaConf
+
+                from fl_sim.runner import same_config
+
+                found = checkpoint.load(run_dir)
+                if same_config(found["config"], OmegaConf.to_container(cfg, resolve=True)):
+                    resume_from = found
+                    print(f"fl-sim: resuming {run_dir} after round {found['round']}")
+                else:
+                    print(f"fl-sim: {run_dir} holds a checkpoint of another config: starting afresh")
         summary = run(cfg, run_dir, resume_from=resume_from)
     except ConfigError as e:
         print(f"fl-sim: error: {e}", file=sys.stderr)

@@ -71,6 +71,7 @@ class ScenarioConfig:
     name: str = "federated"  # federated | split
     mode: Optional[str] = None  # split: vanilla (clients take turns) | splitfed (in parallel, FedAvg of client models)
     cut_layer: Optional[str] = None  # split: the last layer the client keeps (None: its first non-linearity)
+    head_layer: Optional[str] = None  # split, label-private U-shape: the client also keeps the layers after this one
 
 
 @dataclass
@@ -90,6 +91,7 @@ class AttackConfig:
     seed: int = 0
     auxiliary_fraction: float = 0.0  # share of the training pool set aside as the attacker's own data
     gradient_penalty: float = 10.0  # fsha: WGAN-GP weight of its critic
+    scoring: str = "direction"  # label_leakage: direction | norm (binary tasks)
     batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
     num_cpus: float = 1.0  # threads of each attack worker
@@ -225,8 +227,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum")
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint",
-           "rmle", "inverse_network", "unsplit", "fsha")
-SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha")  # they observe activations
+           "rmle", "inverse_network", "unsplit", "fsha", "label_leakage")
+SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha", "label_leakage")  # activations / cut gradients
 SCENARIOS = ("federated", "split")
 SPLIT_MODES = ("vanilla", "splitfed")
 
@@ -304,9 +306,23 @@ def validate(cfg: Any) -> None:
               f"attack={cfg.attack.name} attacks model updates; with scenario=split the server sees activations: "
               f"choose attack={'|'.join(SPLIT_ATTACKS)} or none")
         _need(cfg.attack.batch >= 0, f"attack.batch must be >= 0 (got {cfg.attack.batch})")
+        u_shape = bool(cfg.scenario.head_layer)
+        _need(cfg.attack.name != "label_leakage" or u_shape,
+              "attack=label_leakage infers labels that stay with the client: set scenario.head_layer "
+              "(the label-private U-shape), e.g. scenario.head_layer=body.3")
+        _choice("attack.scoring", cfg.attack.scoring, ("direction", "norm"))
+        _need(not (u_shape and cfg.attack.name == "fsha"),
+              "attack=fsha hijacks a split where the server computes the loss; unset scenario.head_layer")
+        _need(not cfg.defense.dpsgd or cfg.defense.grad_sample_mode in ("auto", "hooks"),
+              f"defense.grad_sample_mode={cfg.defense.grad_sample_mode}: split learning's DP-SGD uses Opacus' hooks "
+              "(per message, on the client-side bottom); use auto or hooks")
+        _need(not (u_shape and cfg.defense.dpsgd),
+              "defense=dpsgd trains the client-side bottom; with scenario.head_layer (U-shape) the client's head is "
+              "not covered: unset scenario.head_layer or drop dpsgd")
         _need(cfg.strategy.name == "fedavg", f"scenario=split averages client models with FedAvg (splitfed); "
                                              f"use strategy=fedavg (got strategy={cfg.strategy.name})")
     else:
+        _need(not cfg.scenario.head_layer, "scenario.head_layer is for scenario=split (the label-private U-shape)")
         _need(cfg.attack.name not in SPLIT_ATTACKS,
               f"attack={cfg.attack.name} inverts split-learning activations; use it with scenario=split")
     _need(0 <= cfg.attack.auxiliary_fraction < 1,
@@ -362,6 +378,8 @@ def validate(cfg: Any) -> None:
     _choice("faults.crash_mode", f.crash_mode, ("raise", "exit"))
     _need(0 <= f.straggler_rate <= 1, f"faults.straggler_rate must be in [0, 1] (got {f.straggler_rate})")
     _need(0 <= f.nan_update_rate <= 1, f"faults.nan_update_rate must be in [0, 1] (got {f.nan_update_rate})")
+    _need(f.nan_update_rate == 0 or (cfg.scenario.name == "federated" and not cfg.defense.secagg),
+          "faults.nan_update_rate simulates a NaN model update: federated runs without secagg only")
     _need(f.straggler_seconds >= 0, f"faults.straggler_seconds must be >= 0 (got {f.straggler_seconds})")
     _need(cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1 (got {cfg.eval_batch_size})")
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")

@@ -55,9 +55,12 @@ def attacks_section(summary: dict) -> list[str]:
     out = ["## Attacks", ""]
     if cfg["name"] == "none":
         return out + ["No attack was configured (honest server).", ""]
-    out += [f"Attack `{cfg['name']}` by {'a malicious' if cfg['name'] == 'imprint' else 'an honest-but-curious'} "
-            f"server on clients {cfg['target_clients'] or 'all sampled'}; labels "
-            f"{'known to the server' if cfg['labels_known'] else 'recovered by the attack'}. "
+    split = summary["config"].get("scenario", {}).get("name") == "split"
+    u_shape = split and bool(summary["config"]["scenario"].get("head_layer"))
+    labels = ("kept by the client (U-shape)" if u_shape else "sent with the activations") if split else \
+        ("known to the server" if cfg["labels_known"] else "recovered by the attack")
+    out += [f"Attack `{cfg['name']}` by {'a malicious' if cfg['name'] in ('imprint', 'fsha') else 'an honest-but-curious'} "
+            f"server on clients {cfg['target_clients'] or 'all sampled'}; labels {labels}. "
             "PSNR (dB) and SSIM on [0, 1] images after Hungarian matching of reconstructions to the client's "
             "examples; label accuracy over the label multiset. LPIPS is not computed (no local network weights).",
             "",

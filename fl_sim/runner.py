@@ -109,6 +109,10 @@ class RunRecorder:
                      entry["error"])
             return
         labels = f"  label accuracy {entry['label_accuracy']:.2f}" if entry.get("label_accuracy") is not None else ""
+        if entry.get("psnr") is None:  # a label-only attack
+            log.info("attack %s round %d client %s (%d examples, observed %s):%s  (%.1f s)", entry["attack"],
+                     entry["round"], entry["client"], entry["batch_size"], entry["observed"], labels, entry["seconds"])
+            return
         log.info("attack %s round %d client %s (%d examples): PSNR %.2f dB  SSIM %.3f%s  (%.1f s)", entry["attack"],
                  entry["round"], entry["client"], entry["batch_size"], entry["psnr"], entry["ssim"], labels,
                  entry["seconds"])
@@ -187,7 +191,8 @@ def backend_config(cfg: DictConfig) -> dict:
         "client_resources": {"num_cpus": float(b.client_resources.num_cpus),
                              "num_gpus": float(b.client_resources.num_gpus),
                              "max_restarts": int(b.max_actor_restarts),
-                             # a message that reached an actor while it restarted is delivered again, once
+                             # a task whose actor died is run once more: a message that caught the actor
+                             # restarting gets through (a simulated crash, being seeded, crashes again)
                              "max_task_retries": 1 if b.max_actor_restarts != 0 else 0},
         "init_args": init_args,
     }
@@ -306,10 +311,14 @@ def completed_with(run_dir: Path, cfg: DictConfig) -> bool:
         s = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    now = OmegaConf.to_container(cfg, resolve=True)
+    return s.get("status") == "completed" and same_config(s.get("config") or {},
+                                                         OmegaConf.to_container(cfg, resolve=True))
+
+
+def same_config(recorded: dict, now: dict) -> bool:
+    """Whether a recorded config (summary.json, checkpoint) is the config ``now`` once prepared."""
     default_cut = now.get("scenario", {}).get("cut_layer") is None
-    return s.get("status") == "completed" and _comparable(s.get("config") or {}, default_cut) == _comparable(
-        now, default_cut)
+    return _comparable(recorded, default_cut) == _comparable(now, default_cut)
 
 
 def _comparable(config: dict, default_cut: bool) -> dict:

@@ -53,7 +53,6 @@ from fl_sim.training import evaluate, make_optimizer
 log = logging.getLogger("fl_sim")
 
 STATE_BOTTOM, STATE_OPTIMIZER = "split-bottom", "split-optimizer"
-RESTORE_KEY = "dp-restore"  # fl_sim.apps.RESTORE_KEY
 _NONLINEAR = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d)
 
 
@@ -69,14 +68,36 @@ def cut_of(cfg: DictConfig, model: nn.Module) -> str:
     return str(cfg.scenario.cut_layer) if cfg.scenario.cut_layer else default_cut(model)
 
 
-def split(cfg: DictConfig, model: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
-    """(bottom, top) sharing ``model``'s layers; an invalid cut is a ConfigError naming the valid ones."""
+def split(cfg: DictConfig, model: nn.Module) -> tuple[nn.ModuleDict, nn.Sequential]:
+    """(client side, server side) sharing ``model``'s layers. The client side is ``{"bottom": ...}``, plus
+    ``"head"`` in the label-private U-shape (``scenario.head_layer``: the client keeps the layers after it,
+    and its labels). An invalid cut is a ConfigError naming the valid ones."""
     from fl_sim.config import ConfigError
 
     try:
-        return split_model(model, cut_of(cfg, model))
+        bottom, rest = split_model(model, cut_of(cfg, model))
     except ValueError as e:
         raise ConfigError(f"{e} (model={cfg.model.name})") from e
+    head_layer = cfg.scenario.get("head_layer")
+    if not head_layer:
+        return nn.ModuleDict({"bottom": bottom}), rest
+    names = [n for n, _ in layers(model)]
+    after = names[names.index(cut_of(cfg, model)) + 1:-1]  # the server keeps at least one layer, the client too
+    if head_layer not in after:
+        raise ConfigError(f"scenario.head_layer={head_layer!r} is not a layer after the cut that leaves the client "
+                          f"a head (model={cfg.model.name}); choose one of {', '.join(after) or '(none: cut earlier)'}")
+    k = after.index(head_layer) + 1
+    middle, head = nn.Sequential(*list(rest)[:k]), nn.Sequential(*list(rest)[k:])
+    return nn.ModuleDict({"bottom": bottom, "head": head}), middle
+
+
+def ledger_sigma(cfg: DictConfig) -> str:
+    d = cfg.defense
+    return f"calibrated to target ε {d.target_epsilon}" if d.target_epsilon is not None else f"{d.noise_multiplier:g}"
+
+
+def _part(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    return {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
 
 
 def batch_plan(n: int, epochs: int, batch_size: int, seed: int, server_round: int, cid: int,
@@ -147,12 +168,29 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
     dp = bool(cfg.defense.dpsgd)
     plan = batch_plan(len(x), epochs, batch_size, cfg.seed, rnd, cid, poisson=dp)
     work = copy.deepcopy(split(cfg, ws.model)[0]).train()  # Opacus' hooks must not stay on the workspace model
+    bottom = work["bottom"]
+    # one optimiser for the client side: a step only moves the part that has gradients (bottom or head)
     opt = make_optimizer(str(conf["optimizer"]), work.parameters(), lr, float(conf["momentum"]),
                          float(conf["weight-decay"]))
     if k == 0:
         restore_dp(msg, context)
     budget = DPBudget.load(context, cfg, len(x), epochs, batch_size) if dp else None
     content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan)})}
+    if "head-input" in msg.content:  # U-shape: the client's head takes the server's output, with the labels
+        work.load_state_dict(context.state[STATE_BOTTOM].to_torch_state_dict())
+        if STATE_OPTIMIZER in context.state:
+            _load_optimizer(opt, context.state[STATE_OPTIMIZER])
+        h = msg.content["head-input"].to_torch_state_dict()["input"].requires_grad_(True)
+        yb = y[torch.from_numpy(plan[k])]
+        loss = F.cross_entropy(work["head"](h), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        context.state[STATE_BOTTOM] = ArrayRecord({n: v.detach().cpu() for n, v in work.state_dict().items()})
+        context.state[STATE_OPTIMIZER] = _save_optimizer(opt)
+        content["client"]["loss"] = float(loss.detach())
+        content["head-gradient"] = ArrayRecord({"gradient": h.grad.detach().cpu()})
+        return Message(content=RecordDict(content), reply_to=msg)
     if k == 0:
         content["client"]["delay"] = _maybe_drop_out(cfg, rnd, cid)
         work.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -166,13 +204,14 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
         work.load_state_dict(context.state[STATE_BOTTOM].to_torch_state_dict())
         if STATE_OPTIMIZER in context.state:
             _load_optimizer(opt, context.state[STATE_OPTIMIZER])
-        net, stepper = work, opt
+        net, stepper = bottom, opt
         if budget is not None:
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer
 
-            net = GradSampleModule(work, loss_reduction="mean")
-            noise = torch.Generator().manual_seed(_step_seed(cfg.seed, rnd, cid, k - 1) + 1)
+            net = GradSampleModule(bottom, loss_reduction="mean")
+            device = next(bottom.parameters()).device  # Opacus draws the noise where the parameters are
+            noise = torch.Generator(device=device).manual_seed(_step_seed(cfg.seed, rnd, cid, k - 1) + 1)
             stepper = DPOptimizer(opt, noise_multiplier=budget.noise_multiplier,
                                   max_grad_norm=float(cfg.defense.max_grad_norm),
                                   expected_batch_size=max(1, int(len(x) * budget.sample_rate)), generator=noise)
@@ -180,7 +219,7 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
         buffers = {n: b.clone() for n, b in work.named_buffers()}  # the recomputation must not count twice
         stepper.zero_grad(set_to_none=True)
         if len(idx) == 0:  # an empty Poisson draw still takes its (pure noise) DP-SGD step
-            for p in work.parameters():
+            for p in bottom.parameters():
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         else:
             xb = x[idx]
@@ -192,7 +231,7 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
             else:
                 sent.backward(grad)
         stepper.step()
-        if net is not work:
+        if net is not bottom:
             net._close()
         with torch.no_grad():
             for n, b in work.named_buffers():
@@ -200,8 +239,11 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
     if k < len(plan):
         idx = torch.from_numpy(plan[k])
         with torch.no_grad():
-            a = at_the_cut(cfg, work(x[idx]), rnd, cid, k)
-        content["activations"] = ArrayRecord({"activations": a.detach().cpu(), "labels": y[idx].cpu()})
+            a = at_the_cut(cfg, bottom(x[idx]), rnd, cid, k)
+        sent = {"activations": a.detach().cpu()}
+        if "head" not in work:  # labels travel with the activations unless the client keeps the head
+            sent["labels"] = y[idx].cpu()
+        content["activations"] = ArrayRecord(sent)
         context.state[STATE_BOTTOM] = ArrayRecord({n: v.detach().cpu() for n, v in work.state_dict().items()})
         context.state[STATE_OPTIMIZER] = _save_optimizer(opt)
     else:
@@ -224,12 +266,16 @@ class SplitServer:
 
         self.cfg, self.data, self.recorder = cfg, data, recorder
         self.model = model
-        self.bottom, self.top = split(cfg, model)
+        self.client_side, self.top = split(cfg, model)  # top: the server's part (the middle in a U-shape)
+        self.bottom = self.client_side["bottom"]
+        self.u_shape = "head" in self.client_side
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # U-shape: (cut input, output) per client
         c = cfg.client
         self.top_opt = make_optimizer(str(c.optimizer), self.top.parameters(), float(c.lr), float(c.momentum),
                                       float(c.weight_decay))
         a = cfg.attack
-        self.attack = attack_from_config(a) if a.name != "none" else None
+        self.attack = attack_from_config(a) if a.name not in ("none", "label_leakage") else \
+            ("label_leakage" if a.name == "label_leakage" else None)
         self.targets = set(a.target_clients) or None
         self.rounds = set(a.rounds) or None
         self.jobs: list = []
@@ -241,8 +287,32 @@ class SplitServer:
         self.loss_sum, self.loss_count = 0.0, 0
         self.stragglers: set[int] = set()
         self.restore: dict[int, ConfigRecord] = {}  # after a resume: clients' DP histories to hand back
+        self.label_guesses: list[dict] = []  # label_leakage: what the server inferred, for the evaluator
+        self.skipped: list[dict] = []  # targets not attacked, and why
+
+    def skip(self, server_round: int, cid: int, reason: str) -> None:
+        log.warning("attack skipped: round %d client %d (%s)", server_round, cid, reason)
+        self.skipped.append({"round": server_round, "client": cid, "reason": reason})
+
+    def label_attack(self, server_round: int, cid: int, step: int) -> bool:
+        return self.cfg.attack.name == "label_leakage" and self._targeted(server_round, cid, step)
 
     def attacked(self, server_round: int, cid: int, step: int) -> bool:
+        return self.cfg.attack.name != "label_leakage" and self._targeted(server_round, cid, step)
+
+    def observe_cut_gradients(self, server_round: int, cid: int, gradient: torch.Tensor, batch: np.ndarray) -> None:
+        """Label leakage (Li et al. 2022): the classes of the batch, up to a renaming, from the gradients the
+        client's head returned; scored by the evaluator as label accuracy (best renaming)."""
+        from attacks.label_leakage import direction_scoring, norm_scoring
+
+        t = time.perf_counter()
+        k = self.data.num_classes
+        guess = norm_scoring(gradient) if k == 2 and self.cfg.attack.scoring == "norm" else \
+            direction_scoring(gradient, k, seed=int(self.cfg.attack.seed))
+        self.label_guesses.append({"round": server_round, "client": cid, "guess": guess,
+                                   "batch": [int(i) for i in batch], "seconds": time.perf_counter() - t})
+
+    def _targeted(self, server_round: int, cid: int, step: int) -> bool:
         a = self.cfg.attack
         return (self.attack is not None and step == int(a.batch)
                 and (self.rounds is None or server_round in self.rounds)
@@ -253,6 +323,7 @@ class SplitServer:
         if len(y) == 0:  # an empty Poisson batch (DP-SGD): nothing to learn from
             return torch.zeros_like(a)
         if self.cfg.attack.name == "fsha":
+            self.top.eval()  # its statistics must not absorb the hijacked features
             with torch.no_grad():  # the server still reports the task loss its top would have
                 self.loss_sum += float(F.cross_entropy(self.top(a), y, reduction="sum"))
             self.loss_count += len(y)
@@ -267,7 +338,25 @@ class SplitServer:
         self.loss_count += len(y)
         return a.grad.detach()
 
-    def observe(self, server_round: int, cid: int, step: int, a: torch.Tensor, y: torch.Tensor,
+    def forward_middle(self, cid: int, a: torch.Tensor) -> torch.Tensor:
+        """U-shape: the server's layers on the activations; the graph is kept for the head's gradient."""
+        self.top.train()
+        a = a.detach().requires_grad_(True)
+        h = self.top(a)
+        self.graphs[cid] = (a, h)
+        return h.detach()
+
+    def backward_middle(self, cid: int, head_gradient: torch.Tensor, loss: float) -> torch.Tensor:
+        """U-shape: back-propagate the gradient the client's head returned, step, return the cut's gradient."""
+        a, h = self.graphs.pop(cid)
+        self.top_opt.zero_grad(set_to_none=True)
+        h.backward(head_gradient)
+        self.top_opt.step()
+        self.loss_sum += loss * len(a)
+        self.loss_count += len(a)
+        return a.grad.detach()
+
+    def observe(self, server_round: int, cid: int, step: int, a: torch.Tensor, y: torch.Tensor | None,
                 sent_bottom: dict[str, torch.Tensor], batch: np.ndarray) -> None:
         """What the attack does with one targeted batch of activations."""
         from attacks.base import Reconstruction
@@ -275,12 +364,13 @@ class SplitServer:
 
         c = self.cfg.client
         model = copy.deepcopy(self.bottom)
-        model.load_state_dict(sent_bottom)  # the client-side weights the server sent for this turn
+        model.load_state_dict(_part(sent_bottom, "bottom"))  # the client-side weights the server sent this turn
+        labels = None if y is None else y.clone()  # U-shape: the labels stay with the client
         know = Knowledge(model=model, input_shape=self.data.input_shape, num_classes=self.data.num_classes,
                          lr=float(c.lr), local_epochs=int(c.local_epochs), batch_size=int(c.batch_size),
-                         num_examples=len(y), labels=y.clone(), mean=tuple(self.data.mean.tolist()),
+                         num_examples=len(a), labels=labels, mean=tuple(self.data.mean.tolist()),
                          std=tuple(self.data.std.tolist()), auxiliary_inputs=self.auxiliary)
-        job = AttackJob(server_round, cid, "activations", ActivationObservation(a.clone(), y.clone()), know,
+        job = AttackJob(server_round, cid, "activations", ActivationObservation(a.clone(), labels), know,
                         batch=[int(i) for i in batch])
         if self.cfg.attack.name == "fsha":  # the hijacker's decoder, as trained so far
             t = time.perf_counter()
@@ -294,6 +384,9 @@ class SplitServer:
         """Train the client-side model of each client in ``clients`` from ``start``, all in parallel (one
         message per client per step); returns the final replies (trained client-side models) and the
         failures {client: reason}."""
+        from fl_sim.apps import RESTORE_KEY
+        from strategies.guard import non_finite_reason
+
         client_of = {n: c for c, n in node_of.items()}
         plans = {c: batch_plan(len(self.data.partitions[c]), int(config["local-epochs"]), int(config["batch-size"]),
                                self.cfg.seed, server_round, c, poisson=bool(self.cfg.defense.dpsgd)) for c in clients}
@@ -303,6 +396,10 @@ class SplitServer:
             conf = ConfigRecord({**dict(config), "step": step})
             return Message(RecordDict({"config": conf, **extra}), dst_node_id=node_of[cid], message_type="train")
 
+        for c in clients:  # a targeted batch that will never come
+            if self._targeted(server_round, c, int(self.cfg.attack.batch)) and len(plans[c]) <= int(self.cfg.attack.batch):
+                self.skip(server_round, c, f"attack.batch={self.cfg.attack.batch} but the client has only "
+                                           f"{len(plans[c])} batch(es) this round")
         pending = [message(c, 0, {"arrays": start_record, **({RESTORE_KEY: self.restore[c]} if c in self.restore else {})})
                    for c in clients]
         finals: list[Message] = []
@@ -322,16 +419,36 @@ class SplitServer:
                 if reply.has_error():
                     failures[cid] = reply.error.reason
                     continue
-                if "activations" not in reply.content.array_records:  # the turn's end
-                    finals.append(reply)
+                bad = non_finite_reason(reply)
+                if bad is not None:  # NaN/Inf from a client: its turn ends here, nothing of it is used
+                    failures[cid] = f"rejected: {bad}"
+                    self.graphs.pop(cid, None)
                     continue
                 step = int(reply.content["client"]["step"])
+                records = reply.content.array_records
+                if "head-gradient" in records:  # U-shape: the client's head answered; finish the batch
+                    gh = records["head-gradient"].to_torch_state_dict()["gradient"]
+                    if self.label_attack(server_round, cid, step) and len(gh):
+                        self.observe_cut_gradients(server_round, cid, gh, plans[cid][step])
+                    g = self.backward_middle(cid, gh, float(reply.content["client"]["loss"]))
+                    pending.append(message(cid, step + 1, {"cut-gradient": ArrayRecord({"gradient": g.cpu()})}))
+                    continue
+                if "activations" not in records:  # the turn's end
+                    finals.append(reply)
+                    continue
                 if float(reply.content["client"].get("delay", 0.0)) > 0:
                     self.stragglers.add(cid)
-                rec = reply.content["activations"].to_torch_state_dict()
-                a, y = rec["activations"].float(), rec["labels"].long()
+                rec = records["activations"].to_torch_state_dict()
+                a, y = rec["activations"].float(), rec["labels"].long() if "labels" in rec else None
                 if self.attacked(server_round, cid, step):
-                    self.observe(server_round, cid, step, a, y, start, plans[cid][step])
+                    if len(a) == 0:
+                        self.skip(server_round, cid, "the attacked batch was an empty Poisson draw (DP-SGD)")
+                    else:
+                        self.observe(server_round, cid, step, a, y, start, plans[cid][step])
+                if self.u_shape and self.cfg.attack.name != "fsha":
+                    h = self.forward_middle(cid, a)
+                    pending.append(message(cid, step, {"head-input": ArrayRecord({"input": h.cpu()})}))
+                    continue
                 g = self.gradient(a, y)
                 pending.append(message(cid, step + 1, {"cut-gradient": ArrayRecord({"gradient": g.cpu()})}))
         return finals, failures
@@ -343,7 +460,7 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
     from fl_sim import checkpoint
     from fl_sim.apps import (_reason, attack_executor, discover_clients, dp_history_record, initial_model,
                              privacy_ledger, sample_clients, train_config, workspace)
-    from fl_sim.attacking import evaluate_outcome
+    from fl_sim.attacking import evaluate_label_guess, evaluate_outcome
     from strategies import make_strategy
 
     ws = workspace(cfg, "server")
@@ -353,10 +470,16 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
     fedavg = make_strategy("fedavg", weighted_by_key="num-examples")
     node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
-    executor = attack_executor(cfg) if server.attack is not None and cfg.attack.name != "fsha" else None
+    executor = attack_executor(cfg) if cfg.attack.name in ("rmle", "inverse_network", "unsplit") else None
     x_test, y_test = (t.cpu() for t in ws.test_tensors())
-    bottom_state = {k: v.detach().clone() for k, v in server.bottom.state_dict().items()}
+    bottom_state = {k: v.detach().clone() for k, v in server.client_side.state_dict().items()}
     ledger = privacy_ledger(cfg, ws)
+    if ledger is not None:  # say exactly what DP-SGD covers in split learning
+        d = cfg.defense
+        ledger.notes = [f"sample-level (ε, δ)-DP of the client-side model's weights only (DP-SGD through Opacus "
+                        f"hooks, Poisson sampling, noise multiplier {ledger_sigma(cfg)}, clipping norm "
+                        f"{d.max_grad_norm}): the activations (and labels) sent at the cut carry no noise and "
+                        "are not covered by ε; attacks on them are measured separately"]
     client_of = {n: c for c, n in node_of.items()}
 
     def trained_models(rnd: int, finals: list[Message]) -> list[Message]:
@@ -370,7 +493,7 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
     first = 1
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
-        bottom_state = {k: v.detach().clone() for k, v in server.bottom.state_dict().items()}
+        bottom_state = {k: v.detach().clone() for k, v in server.client_side.state_dict().items()}
         _load_optimizer(server.top_opt, ArrayRecord(resume_from["extra"]["top_optimizer"]))
         checkpoint.restore_rng(rng, resume_from["rng"])
         if ledger is not None:
@@ -404,10 +527,13 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
             ledger.end_round(rnd)
             recorder.privacy = ledger.summary()
         if not trained and failures:
-            reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
+            reasons = "; ".join(f"client {c}: {_reason(r)}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        recorder.skipped_attacks += server.skipped
+        server.skipped = []
         if server.attack is not None and (server.rounds is None or rnd in server.rounds):
-            attacked = {j.client for j in server.jobs} | {o.job.client for o in server.outcomes}
+            attacked = ({j.client for j in server.jobs} | {o.job.client for o in server.outcomes}
+                        | {g["client"] for g in server.label_guesses})
             for cid in sorted(set(failures) & set(sampled)):
                 if (server.targets is None or cid in server.targets) and cid not in attacked:
                     skipped = {"round": rnd, "client": cid, "reason": "the client failed this round"}
@@ -420,8 +546,11 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
         for outcome in server.outcomes:
             recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
         server.outcomes = []
+        for g in server.label_guesses:
+            recorder.attack(evaluate_label_guess(g, ws.data))
+        server.label_guesses = []
         attack_seconds = time.perf_counter() - t_attack
-        server.bottom.load_state_dict(bottom_state)
+        server.client_side.load_state_dict(bottom_state)
         test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
         recorder.round(
             round=rnd,

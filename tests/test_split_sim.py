@@ -127,7 +127,7 @@ def test_the_split_server_hands_activation_attacks_what_they_need_and_the_evalua
     with torch.no_grad():
         a = server.bottom(x[torch.from_numpy(batch)])
     assert server.attacked(1, 0, 0) and not server.attacked(1, 1, 0) and not server.attacked(1, 0, 1)
-    server.observe(1, 0, 0, a, y[torch.from_numpy(batch)], server.bottom.state_dict(), batch)
+    server.observe(1, 0, 0, a, y[torch.from_numpy(batch)], server.client_side.state_dict(), batch)
     (job,) = server.jobs
     assert job.knowledge.auxiliary_inputs is not None and job.observed == "activations"
     entry = evaluate_outcome(run_jobs_sequentially(server.attack, server.jobs)[0], data, "inverse_network", None)
@@ -141,14 +141,14 @@ def test_fsha_through_the_split_server_hijacks_the_client_and_its_decoder_improv
     bottom on it (as client_split_step does); the targeted batch is decoded at once, better with steps."""
     from fl_sim.apps import initial_model, workspace
     from fl_sim.attacking import evaluate_outcome
-    from fl_sim.split import SplitServer
+    from fl_sim.split import SplitServer, split
 
     cfg = compose(SPLIT + ["model=lenet", "scenario.cut_layer=body.1", "num_clients=2", "attack=fsha"])
     validate(cfg)
     data = workspace(cfg, "server").data
     server = SplitServer(cfg, initial_model(cfg, data), data, recorder=None)
     client = initial_model(cfg, data)
-    bottom, _ = __import__("fl_sim.split", fromlist=["split"]).split(cfg, client)
+    bottom = split(cfg, client)[0]["bottom"]
     opt = torch.optim.Adam(bottom.parameters(), lr=1e-3)
     x, y = (torch.from_numpy(a) for a in data.client(0))
     probe = torch.arange(32)
@@ -159,7 +159,8 @@ def test_fsha_through_the_split_server_hijacks_the_client_and_its_decoder_improv
         if step % 300 == 0:
             with torch.no_grad():
                 a = bottom(x[probe])
-            server.observe(1, 0, 0, a, y[probe], bottom.state_dict(), probe.numpy())
+            server.observe(1, 0, 0, a, y[probe], {f"bottom.{k}": v for k, v in bottom.state_dict().items()},
+                           probe.numpy())
             scores.append(evaluate_outcome(server.outcomes.pop(), data, "fsha", None)["psnr"])
         idx = torch.randint(len(x), (64,), generator=gen)
         a = bottom(x[idx])
@@ -169,3 +170,42 @@ def test_fsha_through_the_split_server_hijacks_the_client_and_its_decoder_improv
         a.backward(g)
         opt.step()
     assert scores[-1] > scores[1] > scores[0] + 3, scores  # measured 8.6, 14.9, 19.4 dB at steps 0, 300, 600
+
+
+@pytest.mark.e2e
+def test_u_shaped_split_keeps_labels_on_the_client_trains_exactly_and_still_leaks_them(compose, tmp_path):
+    """Label-private U-shape: the client keeps the head and its labels; per batch the server returns its
+    output and receives the gradient there. Still plain SGD's arithmetic; yet those gradients reveal the
+    classes (direction scoring, Li et al. 2022)."""
+    from fl_sim.apps import initial_model, round_seed, workspace
+    from fl_sim.training import evaluate, local_train
+
+    cfg = compose(SPLIT + ["model=mlp", "model.hidden=[32,16]", "scenario.cut_layer=net.2",
+                           "scenario.head_layer=net.4", "num_clients=1", "num_rounds=1", "client.batch_size=64",
+                           "attack=label_leakage"])
+    s = run(cfg, tmp_path / "run")
+    assert s["status"] == "completed"
+    ws = workspace(cfg, "server")
+    model = initial_model(cfg, ws.data)
+    x, y = (torch.from_numpy(a) for a in ws.data.client(0))
+    local_train(model, x, y, epochs=1, batch_size=64, lr=0.1,
+                generator=torch.Generator().manual_seed(round_seed(cfg.seed, 1, 0)))
+    test_loss, _ = evaluate(model, *(torch.from_numpy(a) for a in (ws.data.x_test, ws.data.y_test)))
+    assert s["rounds"][0]["test_loss"] == pytest.approx(test_loss, abs=1e-5)
+    (attack,) = s["attacks"]
+    assert attack["observed"] == "cut_gradients" and attack["psnr"] is None and attack["batch_size"] == 64
+    assert attack["label_accuracy"] >= 0.8, attack  # chance (one cluster) is about 0.1
+
+
+def test_the_u_shape_is_three_parts_that_compose_to_the_model_and_a_bad_head_layer_is_refused(compose):
+    from fl_sim.models import build_model
+    from fl_sim.split import split
+
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(32, 16))
+    client, middle = split(compose(SPLIT + ["scenario.cut_layer=net.2", "scenario.head_layer=net.4"]), model)
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(client["head"](middle(client["bottom"](x))), model(x))
+    with pytest.raises(ConfigError, match=r"scenario.head_layer='net.1'.*choose one of net.3, net.4"):
+        split(compose(SPLIT + ["scenario.cut_layer=net.2", "scenario.head_layer=net.1"]), model)
+    with pytest.raises(ConfigError, match="scenario.head_layer"):
+        validate(compose(SPLIT + ["attack=label_leakage"]))
