@@ -50,8 +50,11 @@ def test_three_clients_two_rounds_write_summary_report_and_reproduce(compose, tm
     assert set(m1[0][0]) >= {"round", "train_loss", "test_loss", "test_accuracy", "clients", "trained", "failures"}
     assert _metrics(json.loads((tmp_path / "b" / "summary.json").read_text())) == m1
 
-    s3 = run(compose(TINY + ["seed=1", "num_rounds=1"]), tmp_path / "c")
-    assert s3["model"]["initial_sha256"] != s1["model"]["initial_sha256"]
+    from fl_sim.runner import RunRecorder, prepare
+
+    other = RunRecorder(compose(TINY + ["seed=1"]), tmp_path / "c")  # another seed: another initial model
+    prepare(other.cfg, other)
+    assert other.model_info["initial_sha256"] != s1["model"]["initial_sha256"]
 
 
 def test_run_crashing_midway_leaves_failed_summary(compose, tmp_path, monkeypatch):
@@ -227,6 +230,13 @@ def test_cli_sweep_over_dp_noise_ends_with_a_report_across_runs(tmp_path):
     assert summaries[0.0] is None and summaries[1.0] > 0  # σ 0: ε infinite (null in summary.json)
     assert eps == {0.0: "inf", 1.0: summaries[1.0]}
     assert (sweep / "sweep_epsilon.png").stat().st_size > 1000
+
+    again = subprocess.run([sys.executable, "-m", "fl_sim", "-m", *TINY, "num_rounds=1", "defense=dpsgd",
+                            "defense.noise_multiplier=0,1.0", f"hydra.sweep.dir={sweep}"],
+                           capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("already completed with this config: skipped") == 2  # no run is repeated
+    assert "clients ready" not in again.stdout
 
 
 def test_secagg_aggregate_equals_fedavg_and_imprint_still_recovers_examples(compose, tmp_path):
