@@ -107,6 +107,24 @@ class FSHA:
         self.steps = 0
         self.last = {}
 
+    def state_dict(self) -> dict:
+        """Everything the attack has learned so far (networks, optimisers, sampler), for checkpoints."""
+        self._require_setup("state_dict")
+        return {"pilot": self._pilot.state_dict(), "decoder": self._decoder.state_dict(),
+                "critic": self._critic.state_dict(), "opt_autoencoder": self._opt_autoencoder.state_dict(),
+                "opt_critic": self._opt_critic.state_dict(), "generator": self._gen.get_state(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()`` (after ``setup`` with the same architecture and data)."""
+        self._require_setup("load_state_dict")
+        self._pilot.load_state_dict(state["pilot"])
+        self._decoder.load_state_dict(state["decoder"])
+        self._critic.load_state_dict(state["critic"])
+        self._opt_autoencoder.load_state_dict(state["opt_autoencoder"])
+        self._opt_critic.load_state_dict(state["opt_critic"])
+        self._gen.set_state(state["generator"])
+        self.steps = int(state["steps"])
+
     def _require_setup(self, what: str) -> None:
         if getattr(self, "_decoder", None) is None:
             raise ValueError(f"fsha.{what}() needs fsha.setup(client_model, input_shape, auxiliary_inputs) first: "

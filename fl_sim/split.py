@@ -456,7 +456,7 @@ class SplitServer:
 
 def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict | None = None) -> None:
     """The training loop of a split-learning run: sample, train each client's turn(s), evaluate, record,
-    checkpoint (not with fsha, whose networks are not saved); ``resume_from``: a loaded checkpoint."""
+    checkpoint; ``resume_from``: a loaded checkpoint."""
     from fl_sim import checkpoint
     from fl_sim.apps import (_reason, attack_executor, discover_clients, dp_history_record, initial_model,
                              privacy_ledger, sample_clients, train_config, workspace)
@@ -495,6 +495,8 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
         model.load_state_dict(resume_from["model"])
         bottom_state = {k: v.detach().clone() for k, v in server.client_side.state_dict().items()}
         _load_optimizer(server.top_opt, ArrayRecord(resume_from["extra"]["top_optimizer"]))
+        if cfg.attack.name == "fsha":
+            server.attack.load_state_dict(resume_from["extra"]["fsha"])
         checkpoint.restore_rng(rng, resume_from["rng"])
         if ledger is not None:
             ledger.restore(resume_from["state"].get("ledger", {}))
@@ -561,9 +563,11 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
             attack_seconds=attack_seconds)
         if failures:
             log.warning("round %d: clients %s failed", rnd, sorted(failures))
-        if cfg.checkpoint and cfg.attack.name != "fsha":
+        if cfg.checkpoint:
+            extra = {"top_optimizer": _save_optimizer(server.top_opt).to_torch_state_dict()}
+            if cfg.attack.name == "fsha":  # the hijacker's networks are part of the run's state
+                extra["fsha"] = server.attack.state_dict()
             checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
-                            model=model.state_dict(), extra={"top_optimizer": _save_optimizer(server.top_opt)
-                                                             .to_torch_state_dict()},
+                            model=model.state_dict(), extra=extra,
                             rng=rng, recorder=recorder,
                             state={"ledger": ledger.state() if ledger is not None else {}})

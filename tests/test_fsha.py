@@ -104,3 +104,26 @@ def test_fsha_handles_flat_and_convolutional_activations_and_is_deterministic(na
     for g0, g1 in zip(*grads):
         assert g0.shape == a.shape and torch.equal(g0, g1)  # same seed, same gradients sent back (CPU)
     assert grads[0][1].abs().sum() > 0
+
+
+def test_fsha_continues_from_its_state_dict_exactly(digits):
+    """A checkpointed hijacker resumes as if never stopped: same gradients after the restore."""
+    import io
+
+    x, _ = digits
+    bottom, _ = split_model(build_model("lenet", (1, 8, 8), 10), "body.1")
+    a = bottom(x[:16]).detach()
+    first = FSHA(lr_encoder=1e-3, lr_discriminator=1e-3, gradient_penalty=10.0)
+    first.setup(bottom, (1, 8, 8), x[100:400])
+    for _ in range(3):
+        first.hijack(a)
+    buffer = io.BytesIO()  # through a checkpoint's file format: no pickled objects, only tensors and numbers
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    second = FSHA(lr_encoder=1e-3, lr_discriminator=1e-3, gradient_penalty=10.0)
+    second.setup(bottom, (1, 8, 8), x[100:400])
+    second.load_state_dict(state)
+    for _ in range(2):
+        assert torch.equal(first.hijack(a), second.hijack(a))
+    assert second.steps == first.steps == 5
