@@ -398,10 +398,14 @@ def secagg_mod(get_cfg: Callable[[Context], DictConfig]):
     """Flower's ``secaggplus_mod`` when ``defense=secagg`` (outermost: it masks the final update)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
-        if not get_cfg(context).defense.secagg:
+        cfg = get_cfg(context)
+        if not cfg.defense.secagg:
             return call_next(msg, context)
         from flwr.client.mod import secaggplus_mod
 
+        # SecAgg+ quantises with stochastic rounding from NumPy's global generator: seeded per round and
+        # client so that runs reproduce (the masks cancel exactly; the rounding would not)
+        np.random.seed(round_seed(cfg.seed + 4, _server_round(msg), int(context.node_config["partition-id"])) % 2**32)
         return secaggplus_mod(msg, context, call_next)
 
     return mod
@@ -496,7 +500,7 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
 
         return server_main_split(cfg, grid, recorder, resume_from)
     if cfg.defense.secagg:
-        return server_main_secagg(cfg, grid, context, recorder)
+        return server_main_secagg(cfg, grid, context, recorder, resume_from)
     ws = workspace(cfg, "server")
     s = cfg.strategy
     strategy = make_strategy(
@@ -648,7 +652,8 @@ class CentralDP:
         }
 
 
-def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) -> None:
+def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
+                       resume_from: dict | None = None) -> None:
     """The same run under Flower's SecAgg+ (legacy workflow): the server only ever holds the
     aggregate of the sampled clients' models, and that is what an adversarial server attacks."""
     from flwr.server import LegacyContext, ServerConfig
@@ -666,6 +671,15 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     init = initial_model(cfg, ws.data)
     keys = list(init.state_dict().keys())
+    start = [v.detach().cpu().numpy() for v in init.state_dict().values()]
+    offset = 0  # Flower's legacy loop counts from 1: a resumed run's rounds are offset
+    if resume_from is not None:
+        from fl_sim import checkpoint
+
+        start = [resume_from["model"][k].numpy() for k in keys]
+        checkpoint.restore_rng(rng, resume_from["rng"])
+        offset = int(resume_from["round"])
+        log.info("resuming after round %d", offset)
     attack = attack_from_config(cfg.attack) if cfg.attack.name != "none" else None
     scratch = initial_model(cfg, ws.data) if attack is not None else None  # the attack's copy of the architecture
     executor = attack_executor(cfg) if attack is not None else None
@@ -673,12 +687,14 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
     rounds: dict[int, dict] = {}
 
     def sample(rnd: int) -> list[int]:
+        rnd += offset
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
         rounds[rnd] = {"t0": time.perf_counter(), "clients": sampled, "trained": 0, "train_loss": None,
                        "attack_seconds": 0.0}
         return [node_of[c] for c in sampled]
 
     def observe(rnd: int, nodes: list[int], sent: list, aggregate: list, results: list) -> None:
+        rnd += offset
         clients = sorted(client_of[n] for n in nodes)
         n_total = sum(int(r.num_examples) for r in results)
         rounds[rnd].update(trained=len(results), stragglers=sum(float(r.metrics.get("delay", 0)) > 0 for r in results),
@@ -709,6 +725,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
         if rnd == 0:
             recorder.started()
             return None
+        rnd += offset
         ws.model.load_state_dict(as_sent(ndarrays))
         test_loss, test_acc = evaluate(ws.model, x_test, y_test, cfg.eval_batch_size)
         r = rounds.get(rnd, {"t0": time.perf_counter(), "clients": [], "trained": 0, "train_loss": None,
@@ -717,10 +734,15 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
                        clients=r["clients"], trained=r["trained"], failures=len(r["clients"]) - r["trained"],
                        stragglers=r.get("stragglers", 0),
                        seconds=time.perf_counter() - r["t0"], attack_seconds=r["attack_seconds"])
+        if cfg.checkpoint:  # the aggregated model as the strategy holds it (a malicious rewrite is re-applied)
+            from fl_sim import checkpoint
+
+            checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
+                            model={k: torch.from_numpy(np.array(v)) for k, v in zip(keys, ndarrays)}, rng=rng,
+                            recorder=recorder)
         return test_loss, {"accuracy": test_acc}
 
-    strategy = ObservedFedAvg(initial=[v.detach().cpu().numpy() for v in init.state_dict().values()],
-                              sample=sample, fit_config=lambda rnd: dict(train_config(cfg, rnd)),
+    strategy = ObservedFedAvg(initial=start, sample=sample, fit_config=lambda rnd: dict(train_config(cfg, rnd + offset)),
                               observe=observe, evaluate_fn=evaluate_fn,
                               rewrite=None if rewrite is None else lambda nd: [v.numpy() for v in as_sent(nd).values()])
     largest = max(len(p) for p in ws.data.partitions)
@@ -728,7 +750,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder) 
         num_shares=_count_or_fraction(d.secagg_num_shares),
         reconstruction_threshold=_count_or_fraction(d.secagg_reconstruction_threshold),
         clipping_range=float(d.secagg_clipping_range), max_weight=float(largest), timeout=float(cfg.round_timeout)))
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds,
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds - offset,
                                                                 round_timeout=float(cfg.round_timeout)),
                            strategy=strategy)
     workflow(grid, legacy)

@@ -297,8 +297,6 @@ def resume(run_dir: str | os.PathLike) -> dict:
     ck = checkpoint.load(Path(run_dir))
     register_configs()
     cfg = OmegaConf.merge(OmegaConf.structured(Config), ck["config"])
-    if cfg.defense.secagg:  # it writes no checkpoint: cannot get here normally
-        raise ConfigError(f"{run_dir}: resuming a secagg run is not supported")
     return run(cfg, run_dir, resume_from=ck)
 
 
