@@ -177,6 +177,9 @@ def backend_config(cfg: DictConfig) -> dict:
     if b.ray_address:
         init_args["address"] = str(b.ray_address)
     else:
+        # a new local instance, always: never one recorded in /tmp/ray/ray_current_cluster (a stale record
+        # of a killed run made ray.init wait for a dead cluster) nor another run's
+        init_args["address"] = "local"
         if cfg.attack.name != "none" and cfg.attack.workers > 0:
             from fl_sim.attacking import ATTACK_RESOURCE
 

@@ -66,7 +66,7 @@ def test_a_run_killed_after_round_one_resumes_to_the_summary_of_an_uninterrupted
     with `fl-sim resume=DIR`, compare with the same config run without interruption: same metrics and ε.
     FedAdam's moments, the sampling RNG and the clients' DP-SGD histories have to survive for that."""
     args = TINY + ["num_clients=3", "num_rounds=3", "strategy=fedadam", "strategy.fraction_train=0.67",
-                   "defense=dpsgd", "faults.straggler_rate=1", "faults.straggler_seconds=1.5"]
+                   "defense=dpsgd", "faults.straggler_rate=1", "faults.straggler_seconds=1"]
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fl_sim", *args, f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -171,3 +171,12 @@ def test_split_optimiser_state_survives_the_trip_through_records():
     _load_optimizer(fresh, _save_optimizer(opt))
     for p in net.parameters():
         assert torch.equal(fresh.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+
+def test_a_local_run_always_starts_its_own_ray_instance(compose):
+    """Never a cluster recorded in /tmp/ray/ray_current_cluster: a stale record left by a killed run made
+    ray.init wait for a dead cluster; another run's live one would be shared."""
+    from fl_sim.runner import backend_config
+
+    assert backend_config(compose(TINY))["init_args"]["address"] == "local"
+    assert backend_config(compose(TINY + ["backend.ray_address=auto"]))["init_args"]["address"] == "auto"
