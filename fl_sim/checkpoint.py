@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from fl_sim.runner import _json_default  # the run directory's JSON: numpy numbers and arrays as plain ones
+
 FILE = "checkpoint.pt"
 VERSION = 1
 
@@ -111,16 +113,6 @@ def save(run_dir: Path, *, server_round: int, config: dict, model: dict[str, tor
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def load(run_dir: Path) -> dict:
