@@ -111,6 +111,11 @@ def test_joins_an_existing_ray_cluster_started_on_loopback(compose, tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        # a killed head leaves its address in Ray's record of the current cluster: a later plain
+        # ray.init() (Flower's simulation runtime under `flwr run`) would wait for this dead cluster
+        record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        if record.exists() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 def test_flwr_run_runs_the_same_apps(tmp_path):
