@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, number of steps)
 ACCOUNTANTS = ("rdp", "prv")
@@ -31,6 +29,8 @@ def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> f
         return 0.0
     if any(s <= 0 for s, _, _ in steps):
         return math.inf
+    from opacus.accountants import create_accountant  # imported when used: Opacus takes seconds to import
+
     acc = create_accountant(accountant)
     acc.history = list(steps)
     if accountant == "prv":
@@ -42,6 +42,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                     accountant: str = "rdp") -> float:
     """The noise multiplier σ that spends ``target_epsilon`` over ``steps`` steps at ``sample_rate``
     (Opacus' ``get_noise_multiplier``, to its tolerance of 0.01 in ε, never above the target)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps, accountant=accountant))
 

@@ -20,8 +20,6 @@ import warnings
 from typing import Callable
 
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn import functional as F
 
@@ -38,6 +36,8 @@ def resolve_grad_sample_mode(mode: str, model_name: str) -> str:
 
 def make_dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Return (a model Opacus can train, what was changed): BatchNorm becomes GroupNorm."""
+    from opacus.validators import ModuleValidator  # imported when used: Opacus takes seconds to import
+
     if not ModuleValidator.validate(model, strict=False):
         return model, []
     bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -84,6 +84,8 @@ def dp_local_train(
     opt = make_optimizer(work.parameters()) if make_optimizer else torch.optim.SGD(work.parameters(), lr=lr)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size,
                                          generator=gen)
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")

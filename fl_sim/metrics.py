@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
 def match(true: np.ndarray, rec: np.ndarray) -> np.ndarray:
     """Index into ``rec`` for each true image (B,), minimising the total MSE (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment  # scipy, scikit-image: imported when scoring (seconds)
+
     t = true.reshape(len(true), -1).astype(np.float64)
     r = rec.reshape(len(rec), -1).astype(np.float64)
     cost = ((t[:, None, :] - r[None, :, :]) ** 2).mean(-1)
@@ -31,6 +31,8 @@ PSNR_CAP = 100.0  # dB; an exact recovery (MSE 0) is reported as 100 dB so that 
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
     if np.array_equal(a, b):
         return PSNR_CAP
     return min(PSNR_CAP, float(peak_signal_noise_ratio(a.astype(np.float64), b.astype(np.float64), data_range=1.0)))
@@ -38,6 +40,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two (C, H, W) images in [0, 1] (scikit-image, Gaussian-free 7x7 window, channel mean)."""
+    from skimage.metrics import structural_similarity
+
     h, w = a.shape[-2:]
     win = min(7, h, w)
     win -= 1 - win % 2  # odd

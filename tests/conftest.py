@@ -1,4 +1,11 @@
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -6,11 +13,67 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def forget_ray_head(port: int) -> None:
+    """Remove Ray's record of the current cluster if it names the head on ``port``: a plain ray.init()
+    (Flower's simulation runtime under `flwr run`) would otherwise join that cluster, or wait for it
+    once it is dead."""
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    if record.exists() and record.read_text().strip().endswith(f":{port}"):
+        record.unlink()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray cluster (`ray start --head`, 2 CPUs, loopback) that the in-process end-to-end runs
+    join: each run still starts its own Flower simulation and client actors, without paying Ray's
+    start-up and shutdown (seconds of both cores on a small machine) every time. Runs that start
+    their own local instance are tested too: the CLI, sweep, resume and `flwr run` tests, and the
+    first run of the determinism test."""
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    # --block, in its own process group: stopping it stops this cluster only
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, "the shared Ray head did not start"
+            time.sleep(1)
+        forget_ray_head(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        forget_ray_head(port)
+
+
 @pytest.fixture
-def compose():
+def compose(request):
+    """fl_sim's compose; in end-to-end tests (marked e2e) the run joins the shared Ray cluster unless
+    the overrides name `backend.ray_address` (`backend.ray_address=null`: a local instance of its own)."""
     from fl_sim.runner import compose as _compose
 
-    return _compose
+    if request.node.get_closest_marker("e2e") is None:
+        return _compose
+
+    def joined(overrides=()):
+        overrides = list(overrides)
+        if not any(o.startswith("backend.ray_address=") for o in overrides):
+            overrides.append(f"backend.ray_address={request.getfixturevalue('ray_cluster')}")
+        return _compose(overrides)
+
+    return joined
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,8 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +28,7 @@ def _metrics(summary):
 
 
 def test_three_clients_two_rounds_write_summary_report_and_reproduce(compose, tmp_path):
-    cfg = compose(TINY)
+    cfg = compose(TINY + ["backend.ray_address=null"])  # a local Ray instance of its own
     s1 = run(cfg, tmp_path / "a")
     on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert on_disk["status"] == "completed" and on_disk["rounds"] == s1["rounds"]
@@ -45,7 +42,8 @@ def test_three_clients_two_rounds_write_summary_report_and_reproduce(compose, tm
     assert (tmp_path / "a" / "report.md").read_text().count("| 2 | 3 |") == 1
     assert (tmp_path / "a" / "training_curves.png").stat().st_size > 1000
 
-    s2 = run(compose(TINY), tmp_path / "b")  # same seed: same partitions, initial model, metrics
+    # same seed, run on another Ray instance (the shared cluster): same partitions, initial model, metrics
+    s2 = run(compose(TINY), tmp_path / "b")
     assert s2["data"]["clients"] == s1["data"]["clients"]
     assert s2["model"]["initial_sha256"] == s1["model"]["initial_sha256"]
     # bit-identical summary.json metrics, every field but timing, as a user compares the two files
@@ -80,48 +78,19 @@ def test_run_crashing_midway_leaves_failed_summary(compose, tmp_path, monkeypatc
     assert [r["round"] for r in s["rounds"]] == [1]  # what finished is kept
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_joins_an_existing_ray_cluster_started_on_loopback(compose, tmp_path):
+def test_joins_an_existing_ray_cluster(compose, ray_cluster, tmp_path):
+    """backend.ray_address: the run joins the cluster (`ray start --head` on loopback, tests' conftest)."""
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    port = _free_port()
-    # --block, in its own process group: stopping it stops this cluster only (`ray stop` would stop every
-    # Ray instance on the machine, also those of tests running beside this one)
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True,
-                         timeout=60).returncode != 0:
-        assert head.poll() is None and time.time() < deadline, "the Ray head did not start"
-        time.sleep(1)
-    try:
-        s = run(compose(TINY + [f"backend.ray_address=127.0.0.1:{port}", "num_rounds=1"]), tmp_path)
-        assert s["status"] == "completed" and len(s["rounds"]) == 1
-        status = subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True, text=True,
-                                timeout=60)
-        assert status.returncode == 0  # the cluster outlived our run: we joined it, not started our own
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        # a killed head leaves its address in Ray's record of the current cluster: a later plain
-        # ray.init() (Flower's simulation runtime under `flwr run`) would wait for this dead cluster
-        record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
-        if record.exists() and record.read_text().strip().endswith(f":{port}"):
-            record.unlink()
+    cfg = compose(TINY + [f"backend.ray_address={ray_cluster}", "num_rounds=1"])
+    s = run(cfg, tmp_path)
+    assert s["status"] == "completed" and len(s["rounds"]) == 1
+    assert s["config"]["backend"]["ray_address"] == ray_cluster
+    status = subprocess.run([ray, "status", f"--address={ray_cluster}"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0  # the cluster outlived our run: we joined it, not started our own
 
 
 def test_flwr_run_runs_the_same_apps(tmp_path):
     """`flwr run .` (Flower's local SuperLink, simulation runtime) with overrides in the run config."""
-    import os
-
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -222,10 +191,11 @@ def test_central_dp_through_flowers_wrappers_reports_flowers_epsilon(compose, tm
     assert p["epsilon_per_round"][1]["epsilon"] > p["epsilon_per_round"][0]["epsilon"]
 
 
-def test_cli_sweep_over_dp_noise_ends_with_a_report_across_runs(tmp_path):
+def test_cli_sweep_over_dp_noise_ends_with_a_report_across_runs(ray_cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "fl_sim", "-m", *TINY, "num_rounds=1", "defense=dpsgd",
-                        "defense.noise_multiplier=0,1.0", f"hydra.sweep.dir={sweep}"],
+    task = [*TINY, "num_rounds=1", "defense=dpsgd", f"backend.ray_address={ray_cluster}"]
+    p = subprocess.run([sys.executable, "-m", "fl_sim", "-m", *task, "defense.noise_multiplier=0,1.0",
+                        f"hydra.sweep.dir={sweep}"],
                        capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Traceback" not in p.stderr  # the CLI, from another folder: a table and the run folder per run
@@ -239,8 +209,8 @@ def test_cli_sweep_over_dp_noise_ends_with_a_report_across_runs(tmp_path):
     assert eps == {0.0: "inf", 1.0: summaries[1.0]}
     assert (sweep / "sweep_epsilon.png").stat().st_size > 1000
 
-    again = subprocess.run([sys.executable, "-m", "fl_sim", "-m", *TINY, "num_rounds=1", "defense=dpsgd",
-                            "defense.noise_multiplier=0,1.0", f"hydra.sweep.dir={sweep}"],
+    again = subprocess.run([sys.executable, "-m", "fl_sim", "-m", *task, "defense.noise_multiplier=0,1.0",
+                            f"hydra.sweep.dir={sweep}"],
                            capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("already completed with this config: skipped") == 2  # no run is repeated
