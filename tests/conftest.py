@@ -33,7 +33,7 @@ def ray_cluster():
     """One real Ray cluster (`ray start --head`, 2 CPUs, loopback) that the in-process end-to-end runs
     join: each run still starts its own Flower simulation and client actors, without paying Ray's
     start-up and shutdown (seconds of both cores on a small machine) every time. Runs that start
-    their own local instance are tested too: the CLI, sweep, resume and `flwr run` tests, and the
+    their own local instance are tested too: the killed and resumed CLI runs, `flwr run`, and the
     first run of the determinism test."""
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     port = free_port()
