@@ -28,7 +28,8 @@ import torch
 
 def plain_loop(cfg) -> dict:
     """Sequential FedAvg in this process: the reference."""
-    from fl_sim.apps import initial_model, round_seed, sample_clients
+    from fl_sim.sampling import round_seed, sample_clients
+    from fl_sim.workspace import initial_model
     from fl_sim.data import build_federated_data
     from fl_sim.training import evaluate, local_train
     import numpy as np
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--num-cpus-per-client", type=float, default=1.0)
     args = ap.parse_args()
 
-    from fl_sim.runner import compose
+    from fl_sim.config import compose
 
     cfg = compose(["dataset=mnist", "model=convnet", f"model.width={args.width}", f"num_clients={args.clients}",
                    f"num_rounds={args.rounds}", "client.local_epochs=1", "device=cpu", "report=false",

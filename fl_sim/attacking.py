@@ -1,26 +1,20 @@
-"""Wiring the adversarial server into a run: attack from config, what the server knows, running the
-round's attacks (in parallel as Ray tasks), and the evaluator that scores them against the truth.
-
-The evaluator here is the only code that holds a client's data next to a reconstruction.
-"""
+"""The adversarial server's wiring: the attack from its config, what the server knows about a reply,
+where a round's attacks run (in parallel as Ray tasks on a reserved resource, or in the server
+process), and the ``AdversarialStrategy`` around the run's strategy. Scoring is the evaluator's
+(``fl_sim.evaluator``); what a malicious server sends is ``fl_sim.malicious``'s."""
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from omegaconf import DictConfig
 
 from attacks import Knowledge, make_attack
-from attacks.imprint import ImprintBlock, ImprintedModel, measurement_thresholds, random_measurement
 from fl_sim.data import FederatedData
-from fl_sim.metrics import score
-from strategies.adversarial import AttackJob, AttackOutcome, run_jobs_sequentially
+from fl_sim.workspace import Workspace, initial_model
+from strategies.adversarial import AdversarialStrategy, AttackJob, AttackOutcome, run_jobs_sequentially
 
 log = logging.getLogger("fl_sim")
 
@@ -46,32 +40,6 @@ def attack_from_config(a: DictConfig):
         return make_attack("fsha", lr_encoder=a.lr, lr_discriminator=a.lr, gradient_penalty=a.gradient_penalty,
                            seed=a.seed)
     raise ValueError(f"attack={a.name} is not known")
-
-
-def wrap_model(cfg: DictConfig, model: torch.nn.Module, data: FederatedData) -> torch.nn.Module:
-    """The model a malicious server sends: with attack=imprint, an imprint block goes in front.
-    Its bins sit at quantiles of a random linear measurement on the attacker's public data (the
-    held-out test split)."""
-    if cfg.attack.name != "imprint":
-        return model
-    shape = data.input_shape
-    m = random_measurement(math.prod(shape), cfg.seed)
-    thresholds = measurement_thresholds(torch.from_numpy(data.x_test), cfg.attack.bins, m)
-    return ImprintedModel(model, ImprintBlock(shape, cfg.attack.bins, thresholds, measurement=m, seed=cfg.seed))
-
-
-def malicious_rewrite(cfg: DictConfig, initial: dict[str, torch.Tensor]):
-    """What a malicious server does to the global model before sending it: with imprint it puts its
-    block back as it built it (one local step moves the block far, as the attack needs large
-    updates; the server would otherwise send a broken model next round). None when honest."""
-    if cfg.attack.name != "imprint":
-        return None
-    block = {k: v.detach().cpu().clone() for k, v in initial.items() if k.startswith("block.")}
-
-    def rewrite(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: (block[k] if k in block else v) for k, v in state.items()}
-
-    return rewrite
 
 
 def knowledge_fn(cfg: DictConfig, model: torch.nn.Module, data: FederatedData):
@@ -105,7 +73,7 @@ def ray_executor(workers: int, threads: int):
     (iterations, matching loss) comes back through a Ray queue."""
 
     def execute(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
-        import ray
+        import ray  # Ray is up by now (the simulation started it); importing it costs a second otherwise
         from ray.util.queue import Empty, Queue
 
         queue = Queue(actor_options={"num_cpus": 0})
@@ -166,85 +134,28 @@ def executor_from_config(cfg: DictConfig):
     return ray_executor(a.workers, max(1, int(a.num_cpus)))
 
 
-# --------------------------------------------------------------------------- the evaluator
+def attack_executor(cfg: DictConfig):
+    """Ray tasks on the reserved attack resource, or this process when the cluster has none."""
+    a = cfg.attack
+    executor = executor_from_config(cfg)
+    if a.workers > 0:
+        import ray  # Ray is up by now (the simulation started it); importing it costs a second otherwise
 
-def true_batch(data: FederatedData, clients: int | list[int],
-               batch: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The client's (or clients') training data as [0, 1] images, and labels; ``batch``: only
-    these positions of one client's data (split learning attacks one batch)."""
-    ids = clients if isinstance(clients, list) else [clients]
-    xs, ys = zip(*(data.client(c) for c in ids))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if batch is not None:
-        x, y = x[np.asarray(batch, dtype=np.int64)], y[np.asarray(batch, dtype=np.int64)]
-    x = x * data.std[None, :, None, None] + data.mean[None, :, None, None]
-    return np.clip(x, 0, 1), y
-
-
-def evaluate_label_guess(guess: dict, data: FederatedData) -> dict:
-    """Score label leakage (classes up to a renaming) against the batch's true labels; the summary entry."""
-    from attacks.label_leakage import label_accuracy_up_to_renaming
-
-    _, y_true = true_batch(data, guess["client"], guess["batch"])
-    return {"round": guess["round"], "client": guess["client"], "attack": "label_leakage", "observed": "cut_gradients",
-            "batch_size": int(len(y_true)), "psnr": None, "ssim": None,
-            "label_accuracy": label_accuracy_up_to_renaming(np.asarray(guess["guess"]), y_true),
-            "iterations": 0, "evaluations": 0, "seconds": guess["seconds"]}
+        if ray.cluster_resources().get(ATTACK_RESOURCE, 0) < 1:
+            log.warning("the Ray cluster has no '%s' resource: attacks run in the server process "
+                        "(start Ray nodes with --resources='{\"%s\": N}' to run them in parallel)",
+                        ATTACK_RESOURCE, ATTACK_RESOURCE)
+            executor = local_executor(max(1, int(a.num_cpus)))
+    return executor
 
 
-def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, max_images: int = 16) -> None:
-    """Originals (top row) above their matched reconstructions (bottom row)."""
-    import matplotlib
+def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[int, int]) -> AdversarialStrategy:
+    """The honest-but-curious (or, with imprint, malicious) server around ``inner``."""
+    a = cfg.attack
+    executor = attack_executor(cfg)
+    scratch = initial_model(cfg, ws.data)
+    return AdversarialStrategy(
+        inner, attack_from_config(a), knowledge_fn(cfg, scratch, ws.data),
+        client_of=lambda m: client_of.get(m.metadata.src_node_id, -1),
+        targets=set(a.target_clients) or None, rounds=set(a.rounds) or None, executor=executor)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = min(len(originals), max_images)
-    fig, axes = plt.subplots(2, k, figsize=(1.2 * k + 0.4, 2.8), squeeze=False)
-    for j in range(k):
-        for row, img in ((0, originals[j]), (1, recs[j])):
-            ax = axes[row][j]
-            im = np.transpose(img, (1, 2, 0))
-            ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray" if im.shape[-1] == 1 else None,
-                      vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[0][0].set_ylabel("original", fontsize=8)
-    axes[1][0].set_ylabel("attack", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: str, run_dir: Path | None) -> dict:
-    """Score one attack against the truth; write its picture; return the summary.json entry."""
-    job = outcome.job
-    x_true, y_true = true_batch(data, job.client, job.batch)
-    entry = {"round": job.server_round, "client": job.client, "attack": attack_name, "observed": job.observed,
-             "batch_size": int(len(y_true)), "psnr": None, "ssim": None, "label_accuracy": None,
-             "iterations": 0, "evaluations": 0, "seconds": outcome.seconds}
-    rec = outcome.reconstruction
-    if rec is None:
-        entry["error"] = outcome.error
-        return entry
-    recs = rec.inputs.numpy()
-    if len(recs) < len(x_true):  # what the attack did not return counts as a mid-grey guess
-        recs = np.concatenate([recs, np.full((len(x_true) - len(recs), *recs.shape[1:]), 0.5, recs.dtype)])
-    labels_given = bool(rec.info.get("labels_given")) or job.knowledge.labels is not None
-    s = score(x_true, recs, y_true, None if rec.labels is None else rec.labels.numpy(), labels_given=labels_given)
-    entry.update({"psnr": s["psnr_mean"], "ssim": s["ssim_mean"], "label_accuracy": s["label_accuracy"],
-                  "iterations": rec.iterations, "evaluations": rec.evaluations,
-                  "psnr_per_image": s["psnr"], "ssim_per_image": s["ssim"]})
-    if rec.labels is None and not labels_given:
-        entry["label_accuracy"] = None
-    if run_dir is not None:
-        tag = "-".join(map(str, job.client)) if isinstance(job.client, list) else str(job.client)
-        name = f"attack_round{job.server_round}_client{tag}.png"
-        order = np.asarray(s["order"])
-        shown = np.argsort([-p for p in s["psnr"]])[:16] if len(y_true) > 16 else np.arange(len(y_true))
-        save_grid(x_true[shown], recs[order[shown]], run_dir / name,
-                  f"{attack_name}, round {job.server_round}, client {tag}: PSNR {s['psnr_mean']:.2f} dB, "
-                  f"SSIM {s['ssim_mean']:.3f}" + (" (best 16 shown)" if len(y_true) > 16 else ""))
-        entry["picture"] = name
-    return entry

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from fl_sim.runner import _json_default  # the run directory's JSON: numpy numbers and arrays as plain ones
+from fl_sim.config import ConfigError
+from fl_sim.recorder import json_default  # the run directory's JSON: numpy numbers and arrays as plain ones
 
 FILE = "checkpoint.pt"
 VERSION = 1
@@ -105,8 +106,8 @@ def save(run_dir: Path, *, server_round: int, config: dict, model: dict[str, tor
         "rng": json.dumps(rng.bit_generator.state) if rng is not None else "",
         "recorder": json.dumps({"rounds": recorder.rounds, "attacks": recorder.attacks,
                                 "attacks_skipped": recorder.skipped_attacks, "privacy": recorder.privacy},
-                               default=_json_default) if recorder is not None else "",
-        "state": json.dumps(state or {}, default=_json_default),
+                               default=json_default) if recorder is not None else "",
+        "state": json.dumps(state or {}, default=json_default),
     }
     path = Path(run_dir) / FILE
     tmp = path.with_suffix(".tmp")
@@ -117,8 +118,6 @@ def save(run_dir: Path, *, server_round: int, config: dict, model: dict[str, tor
 
 def load(run_dir: Path) -> dict:
     """The checkpoint of ``run_dir`` (JSON fields decoded); a clear error when there is none or it is bad."""
-    from fl_sim.config import ConfigError
-
     path = Path(run_dir) / FILE
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: nothing to resume (checkpoints are written after each round)")

@@ -1,4 +1,6 @@
-"""``fl-sim [hydra overrides]`` and ``python -m fl_sim``: one Hydra app around ``fl_sim.runner.run``."""
+"""``fl-sim [hydra overrides]`` and ``python -m fl_sim``: one Hydra app around ``fl_sim.runner.run``
+(``fl-sim resume=RUN_DIR`` around ``fl_sim.runner.resume``); a sweep (``-m``) ends with its report
+(``fl_sim.sweep``). Config errors are one line on stderr and exit 2."""
 
 from __future__ import annotations
 
@@ -7,13 +9,14 @@ import sys
 import traceback
 from pathlib import Path
 
-import fl_sim._quiet  # noqa: F401
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from fl_sim.config import ConfigError, register_configs
+from fl_sim.config import ConfigError, compose, register_configs
 
 log = logging.getLogger("fl_sim")
 register_configs()
@@ -34,7 +37,10 @@ def _print_rounds(summary: dict) -> None:
 
 @hydra.main(config_path="pkg://fl_sim.conf", config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
-    from fl_sim.runner import _one_line, run
+    # Imported when a run starts, for start-up speed: torch, Flower and Ray take seconds to import, and
+    # `fl-sim --help`, `--cfg job` and a config error answer without them.
+    from fl_sim import checkpoint
+    from fl_sim.runner import completed_with, one_line, run, same_config
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -43,17 +49,10 @@ def _app(cfg: DictConfig) -> None:
     try:
         resume_from = None
         if sweeping:  # a sweep run again into the same folder skips what completed, resumes what was cut off
-            from fl_sim import checkpoint
-            from fl_sim.runner import completed_with
-
             if completed_with(run_dir, cfg):
                 print(f"fl-sim: {run_dir} already completed with this config: skipped")
                 return
             if (run_dir / checkpoint.FILE).is_file():
-                from omegaconf import OmegaConf
-
-                from fl_sim.runner import same_config
-
                 found = checkpoint.load(run_dir)
                 if same_config(found["config"], OmegaConf.to_container(cfg, resolve=True)):
                     resume_from = found
@@ -69,7 +68,7 @@ def _app(cfg: DictConfig) -> None:
         return
     except Exception as e:  # noqa: BLE001 - one line on the console, the traceback in the run dir
         (run_dir / "error.log").write_text(traceback.format_exc())
-        print(f"fl-sim: error: the run failed: {_one_line(e)}\n"
+        print(f"fl-sim: error: the run failed: {one_line(e)}\n"
               f"fl-sim: traceback in {run_dir / 'error.log'}; summary.json has status 'failed'", file=sys.stderr)
         if not sweeping:
             sys.exit(1)
@@ -102,11 +101,6 @@ def precheck(overrides: list[str]) -> str | None:
     Hydra would print the same error over several lines; this keeps the CLI's promise of
     one line naming the key. Sweeps (-m) and Hydra's own flags are left to Hydra.
     """
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fl_sim.runner import compose
-
     try:
         compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
@@ -116,7 +110,7 @@ def precheck(overrides: list[str]) -> str | None:
 
 def resume_main(run_dir: str) -> None:
     """``fl-sim resume=RUN_DIR``: continue an interrupted run from its last checkpoint."""
-    from fl_sim.runner import _one_line, resume
+    from fl_sim.runner import one_line, resume  # for start-up speed, as in _app
 
     path = Path(run_dir)
     fl_log = logging.getLogger("fl_sim")
@@ -137,7 +131,7 @@ def resume_main(run_dir: str) -> None:
     except Exception as e:  # noqa: BLE001
         if path.is_dir():
             (path / "error.log").write_text(traceback.format_exc())
-        print(f"fl-sim: error: the resumed run failed: {_one_line(e)}", file=sys.stderr)
+        print(f"fl-sim: error: the resumed run failed: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     _print_rounds(summary)
     print(f"run directory: {path.resolve()}")
@@ -161,7 +155,7 @@ def main() -> None:
             sys.exit(2)
     _app()
     if _sweep_dir:
-        from fl_sim.sweep_report import write_sweep_report
+        from fl_sim.sweep.report import write_sweep_report  # matplotlib: only a sweep needs it
 
         try:
             print(f"sweep report: {write_sweep_report(Path(_sweep_dir[0])).resolve()}")

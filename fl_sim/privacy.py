@@ -1,15 +1,29 @@
-"""The run's privacy summary: what the clients' DP accountants report, gathered on the server side.
+"""Privacy budgets, on both sides of a run.
 
-Each DP-SGD client composes its own history (``fl_sim.apps.DPBudget``) and reports ε with its reply;
-the ledger keeps the latest ε of every client, the worst client's ε after each round, and the clients
-that stopped because their next round would exceed ``max_epsilon``. ``summary()`` is ``summary.json``'s
-``privacy``. ε is ``null`` in JSON when it is infinite (no noise).
+- The client's budget (``DPBudget``): a DP-SGD (or local DP) client composes its own accountant
+  history, kept in its Flower ``context.state`` across rounds, refuses a round that would take it
+  past ``max_epsilon``, and reports ε with its reply. After a resume the server hands each client
+  its history back (``restore_dp``).
+- The server's ledger (``PrivacyLedger``): the latest ε of every client, the worst client's ε after
+  each round, and the clients that stopped. ``summary()`` is ``summary.json``'s ``privacy``; ε is
+  ``null`` in JSON when it is infinite (no noise). ``privacy_ledger(cfg, data)`` makes the run's.
+- Central DP (``CentralDP``): user-level DP of the released global models, composed over rounds.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Message
+from omegaconf import DictConfig
+
+from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier
+from defenses.dpsgd import make_dp_compatible, resolve_grad_sample_mode, sample_rate, steps_per_epoch
+from fl_sim.data import FederatedData
+from fl_sim.sampling import num_sampled
+from fl_sim.workspace import architecture
 
 log = logging.getLogger("fl_sim")
 
@@ -17,6 +31,94 @@ log = logging.getLogger("fl_sim")
 def _finite(eps: float) -> float | None:
     return eps if math.isfinite(eps) else None
 
+
+# --------------------------------------------------------------------------- the client's budget
+
+def dp_mechanism(cfg: DictConfig) -> str | None:
+    """The mechanism whose budget a client keeps: "dpsgd", "local_dp", or None."""
+    return "dpsgd" if cfg.defense.dpsgd else "local_dp" if cfg.defense.local_dp else None
+
+
+@dataclass
+class DPBudget:
+    """A client's DP ledger (DP-SGD, or local DP of its update), kept in its Flower ``context.state``
+    across rounds: the accountant history ``[(σ, q, steps)]`` and the rounds it trained in. ε always
+    composes the whole history."""
+
+    noise_multiplier: float
+    sample_rate: float
+    delta: float
+    accountant: str
+    max_epsilon: float | None
+    history: list[tuple[float, float, int]]
+    rounds: list[int]
+
+    KEY = "dp-budget"
+
+    @classmethod
+    def load(cls, context: Context, cfg: DictConfig, n: int, epochs: int, batch_size: int) -> "DPBudget":
+        d = cfg.defense
+        q = sample_rate(n, batch_size) if d.dpsgd else 1.0  # local DP: every round releases the update
+        if cls.KEY in context.state:
+            rec = context.state[cls.KEY]
+            sigma = float(rec["noise-multiplier"])
+            history = list(zip(map(float, rec["sigma"]), map(float, rec["q"]), map(int, rec["steps"])))
+            rounds = list(map(int, rec["rounds"]))
+        else:
+            history, rounds = [], []
+            sigma = float(d.noise_multiplier) if d.dpsgd else local_dp_noise_multiplier(float(d.local_epsilon), float(d.delta))
+            if d.dpsgd and d.target_epsilon is not None:  # spend the target over every planned round (the worst case)
+                planned = cfg.num_rounds * epochs * steps_per_epoch(n, batch_size)
+                sigma = calibrate_noise(float(d.target_epsilon), float(d.delta), q, planned, str(d.accountant))
+        return cls(sigma, q, float(d.delta), str(d.accountant),
+                   None if d.max_epsilon is None else float(d.max_epsilon), history, rounds)
+
+    def epsilon(self, extra_steps: int = 0) -> float:
+        extra = [(self.noise_multiplier, self.sample_rate, extra_steps)] if extra_steps else []
+        return epsilon(self.history + extra, self.delta, self.accountant)
+
+    def would_exceed(self, steps: int) -> bool:
+        return self.max_epsilon is not None and self.epsilon(steps) > self.max_epsilon
+
+    def spend(self, server_round: int, steps: int) -> None:
+        self.history.append((self.noise_multiplier, self.sample_rate, int(steps)))
+        self.rounds.append(int(server_round))
+
+    def save(self, context: Context) -> None:
+        context.state[self.KEY] = ConfigRecord({
+            "noise-multiplier": self.noise_multiplier,
+            "sigma": [h[0] for h in self.history], "q": [h[1] for h in self.history],
+            "steps": [h[2] for h in self.history], "rounds": list(self.rounds)})
+
+    def record(self, declined: bool) -> ConfigRecord:
+        """What the client reports with its reply (for the run's privacy summary)."""
+        eps = self.epsilon()
+        return ConfigRecord({
+            "epsilon": eps if math.isfinite(eps) else -1.0,  # -1: infinite (no noise)
+            "noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate,
+            "rounds": list(self.rounds) or [0], "steps": [h[2] for h in self.history] or [0],
+            "declined": declined})
+
+
+RESTORE_KEY = "dp-restore"
+
+
+def restore_dp(msg: Message, context: Context) -> None:
+    """After a resume the client nodes are fresh: the server hands each client back the DP history
+    the simulator checkpointed (the client's own ``context.state``), once, before it trains."""
+    if RESTORE_KEY in msg.content and DPBudget.KEY not in context.state:
+        context.state[DPBudget.KEY] = msg.content[RESTORE_KEY]
+
+
+def dp_history_record(entry: dict) -> ConfigRecord:
+    """A client's DP ledger entry (as the server's privacy ledger keeps it) as its ``context.state`` record."""
+    n = len(entry["steps"])
+    return ConfigRecord({"noise-multiplier": float(entry["noise_multiplier"]),
+                         "sigma": [float(entry["noise_multiplier"])] * n, "q": [float(entry["sample_rate"])] * n,
+                         "steps": [int(v) for v in entry["steps"]], "rounds": [int(r) for r in entry["rounds"]]})
+
+
+# --------------------------------------------------------------------------- the server's ledger
 
 class PrivacyLedger:
     def __init__(self, *, mechanism: str, accountant: str, delta: float, max_epsilon: float | None,
@@ -72,4 +174,74 @@ class PrivacyLedger:
             "stopped": self.stopped,
             "model_changes": self.model_changes,
             "notes": self.notes,
+        }
+
+
+def privacy_ledger(cfg: DictConfig, data: FederatedData) -> PrivacyLedger | None:
+    """The run's ledger for the client-side mechanism (DP-SGD or local DP), with notes that say what
+    its ε covers; None without one."""
+    d = cfg.defense
+    if d.local_dp and not d.dpsgd:
+        z = local_dp_noise_multiplier(float(d.local_epsilon), float(d.delta))
+        return PrivacyLedger(mechanism="local_dp", accountant=str(d.accountant), delta=float(d.delta),
+                             max_epsilon=None if d.max_epsilon is None else float(d.max_epsilon), notes=[
+            f"local DP of each client's whole update (Flower's LocalDpMod): clipped to {d.clipping_norm:g}, Gaussian "
+            f"noise for a nominal (ε={d.local_epsilon:g}, δ={d.delta:g}) per release, sensitivity "
+            f"{d.local_sensitivity or d.clipping_norm:g}, i.e. noise multiplier {z:.4g}; ε composes every round the "
+            "client sent an update (RDP of the Gaussian mechanism)"])
+    if not cfg.defense.dpsgd:
+        return None
+    base = architecture(cfg, data)
+    if cfg.scenario.name == "split":  # say exactly what DP-SGD covers in split learning
+        sigma = f"calibrated to target ε {d.target_epsilon}" if d.target_epsilon is not None else f"{d.noise_multiplier:g}"
+        notes = [f"sample-level (ε, δ)-DP of the client-side model's weights only (DP-SGD through Opacus "
+                 f"hooks, Poisson sampling, noise multiplier {sigma}, clipping norm "
+                 f"{d.max_grad_norm}): the activations (and labels) sent at the cut carry no noise and "
+                 "are not covered by ε; attacks on them are measured separately"]
+    else:
+        notes = ["sample-level (ε, δ)-DP of each client's examples, composed over every round the client trained in; "
+                 f"Poisson sampling, noise multiplier {'calibrated to target ε ' + str(d.target_epsilon) + ' over ' + str(cfg.num_rounds) + ' rounds' if d.target_epsilon is not None else d.noise_multiplier}, "
+                 f"clipping norm {d.max_grad_norm}, Opacus grad_sample_mode "
+                 f"{resolve_grad_sample_mode(str(d.grad_sample_mode), cfg.model.name)}"]
+    return PrivacyLedger(mechanism="dpsgd", accountant=str(d.accountant), delta=float(d.delta),
+                         max_epsilon=None if d.max_epsilon is None else float(d.max_epsilon),
+                         model_changes=make_dp_compatible(base)[1], notes=notes)
+
+
+# --------------------------------------------------------------------------- central DP
+
+class CentralDP:
+    """User-level DP of the released global models (Flower's DP wrappers add the noise). Each round
+    with updates is one Gaussian mechanism of noise multiplier z on the clipped sum, composed over the
+    rounds with Opacus' RDP accountant; no amplification by client sampling is claimed (as Flower's
+    accountant's "no-amplification"), so ε is an upper bound. Adaptive clipping also spends budget on
+    the clipped-count estimate (Andrew et al. 2021): its ε is not accounted here and reported as such."""
+
+    def __init__(self, cfg: DictConfig):
+        d, st = cfg.defense, cfg.strategy
+        self.z, self.delta = float(d.central_noise_multiplier), float(d.delta)
+        self.adaptive = d.central_clipping == "adaptive"
+        self.side, self.clipping_norm = str(d.central_side), float(d.clipping_norm)
+        self.num_sampled = num_sampled(cfg.num_clients, st.fraction_train, st.min_train_clients)
+        self.rounds: list[int] = []
+        self.per_round: list[dict] = []
+
+    def released(self, server_round: int) -> None:
+        self.rounds.append(server_round)
+        eps = None if self.adaptive else epsilon([(self.z, 1.0, len(self.rounds))], self.delta, "rdp")
+        self.per_round.append({"round": server_round, "epsilon": eps if eps is None or math.isfinite(eps) else None,
+                               "infinite": eps is not None and not math.isfinite(eps)})
+
+    def summary(self) -> dict:
+        last = self.per_round[-1] if self.per_round else {"epsilon": None, "infinite": False}
+        return {
+            "mechanism": "central_dp", "accountant": None if self.adaptive else "rdp", "delta": self.delta,
+            "epsilon": last["epsilon"], "infinite": last["infinite"], "clients": {}, "max_epsilon": None,
+            "epsilon_per_round": self.per_round, "stopped": [], "model_changes": [],
+            "notes": [f"user-level DP of each client's whole update, {self.side}-side "
+                      f"{'adaptive' if self.adaptive else 'fixed'} clipping (norm {self.clipping_norm:g}"
+                      f"{' initially' if self.adaptive else ''}), noise multiplier {self.z:g} on the clipped sum of "
+                      f"{self.num_sampled} sampled clients (Flower's DP wrapper); ε composes the released rounds "
+                      "with no amplification by sampling (an upper bound)"
+                      + ("; ε not accounted: adaptive clipping's count noise is not modelled here" if self.adaptive else "")],
         }

@@ -62,7 +62,7 @@ def ray_cluster():
 def compose(request):
     """fl_sim's compose; in end-to-end tests (marked e2e) the run joins the shared Ray cluster unless
     the overrides name `backend.ray_address` (`backend.ray_address=null`: a local instance of its own)."""
-    from fl_sim.runner import compose as _compose
+    from fl_sim.config import compose as _compose
 
     if request.node.get_closest_marker("e2e") is None:
         return _compose

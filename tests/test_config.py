@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from fl_sim.cli import precheck
-from fl_sim.config import ConfigError, validate
+from fl_sim.config import ConfigError
+from fl_sim.validation import validate
 
 
 def test_default_config_is_cnn_on_mnist_10_clients_3_rounds_with_a_short_attack(compose):
@@ -70,7 +71,7 @@ def test_bad_value_gives_error_naming_the_key(compose, override, message):
 
 
 def test_defenses_stack_and_name_themselves(compose):
-    from fl_sim.config import active_defenses, defense_name
+    from fl_sim.validation import active_defenses, defense_name
 
     cfg = compose(["defense=[prune,dpsgd]", "defense.prune_ratio=0.2"])
     assert active_defenses(cfg) == ["dpsgd", "prune"] and defense_name(cfg) == "dpsgd+prune"

@@ -51,7 +51,8 @@ def test_three_clients_two_rounds_write_summary_report_and_reproduce(compose, tm
     assert set(m1[0][0]) >= {"round", "train_loss", "test_loss", "test_accuracy", "clients", "trained", "failures"}
     assert _metrics(json.loads((tmp_path / "b" / "summary.json").read_text())) == m1
 
-    from fl_sim.runner import RunRecorder, prepare
+    from fl_sim.recorder import RunRecorder
+    from fl_sim.runner import prepare
 
     other = RunRecorder(compose(TINY + ["seed=1"]), tmp_path / "c")  # another seed: another initial model
     prepare(other.cfg, other)
@@ -63,9 +64,9 @@ def test_a_run_on_a_joined_cluster_crashing_midway_leaves_a_failed_summary_and_t
     """backend.ray_address: the run joins the cluster (`ray start --head` on loopback, tests' conftest).
     The server's central evaluation breaks in round 2: summary.json says failed, with the error, and
     keeps round 1; the cluster outlives the run (we joined it, not started our own)."""
-    import fl_sim.apps
+    import fl_sim.server
 
-    real = fl_sim.apps.evaluate
+    real = fl_sim.server.evaluate
     calls = []
 
     def evaluate_then_crash(*a, **k):
@@ -74,7 +75,7 @@ def test_a_run_on_a_joined_cluster_crashing_midway_leaves_a_failed_summary_and_t
             raise RuntimeError("disk on fire")
         return real(*a, **k)
 
-    monkeypatch.setattr(fl_sim.apps, "evaluate", evaluate_then_crash)
+    monkeypatch.setattr(fl_sim.server, "evaluate", evaluate_then_crash)
     with pytest.raises(Exception):
         run(compose(TINY + [f"backend.ray_address={ray_cluster}", "strategy=fedprox", "partition=dirichlet"]),
             tmp_path)
@@ -207,7 +208,7 @@ def test_imprint_recovers_examples_exactly_from_each_client_and_still_from_a_sec
     Under Flower's SecAgg+ (legacy workflow + secaggplus_mod) the global models equal plain FedAvg's
     within the protocol's quantisation; the server sees only the aggregate of the sampled clients and
     imprint still recovers examples of their union exactly (Fowl et al. 2022)."""
-    from fl_sim.apps import drops_out
+    from fl_sim.faults import drops_out
 
     common = TINY + ["num_clients=3", "attack=imprint", "attack.bins=1024", "attack.target_clients=[]",
                      "attack.rounds=[1]", "client.batch_size=1000", "attack.workers=0", "client.lr=0.5",

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_sim.config import ConfigError, validate
+from fl_sim.config import ConfigError
+from fl_sim.validation import validate
 from fl_sim.runner import run
 
 SPLIT = ["dataset=digits", "scenario=split", "client.lr=0.1", "attack=none"]
@@ -63,7 +64,7 @@ def test_an_invalid_cut_fails_before_ray_with_one_line_naming_the_valid_cuts(com
 
 
 def test_cut_defenses_are_seeded_per_step_so_the_client_recomputes_what_it_sent(compose):
-    from fl_sim.split import at_the_cut
+    from fl_sim.split.cut import at_the_cut
 
     cfg = compose(SPLIT + ["defense=[cut_noise,cut_dropout]"])
     a = torch.ones(4, 3, 5, 5)
@@ -77,7 +78,7 @@ def test_cut_defenses_are_seeded_per_step_so_the_client_recomputes_what_it_sent(
 
 def test_default_cut_is_after_the_first_non_linearity():
     from fl_sim.models import build_model
-    from fl_sim.split import default_cut
+    from fl_sim.split.cut import default_cut
 
     assert default_cut(build_model("lenet", (1, 8, 8), 10)) == "body.1"
     assert default_cut(build_model("mlp", (1, 8, 8), 10, hidden=(16,))) == "net.2"
@@ -88,10 +89,11 @@ def test_the_split_server_hands_activation_attacks_what_they_need_and_the_evalua
     """The server side without Ray: the observed batch goes to inverse_network with the attacker's own
     data (attack.auxiliary_fraction) and the client-side weights sent; the evaluator scores it against
     exactly that batch of the client's data."""
-    from fl_sim.apps import initial_model, workspace
-    from fl_sim.attacking import evaluate_outcome
+    from fl_sim.evaluator import evaluate_outcome
     from fl_sim.metrics import psnr
-    from fl_sim.split import SplitServer, batch_plan
+    from fl_sim.split.cut import batch_plan
+    from fl_sim.split.server import SplitServer
+    from fl_sim.workspace import initial_model, workspace
     from strategies.adversarial import run_jobs_sequentially
 
     cfg = compose(SPLIT + ["model=lenet", "scenario.cut_layer=body.1", "num_clients=2", "attack=inverse_network",
@@ -117,9 +119,10 @@ def test_the_split_server_hands_activation_attacks_what_they_need_and_the_evalua
 def test_fsha_through_the_split_server_hijacks_the_client_and_its_decoder_improves_over_steps(compose):
     """The malicious split server: its gradient() is FSHA's hijacking gradient; the client trains its
     bottom on it (as client_split_step does); the targeted batch is decoded at once, better with steps."""
-    from fl_sim.apps import initial_model, workspace
-    from fl_sim.attacking import evaluate_outcome
-    from fl_sim.split import SplitServer, split
+    from fl_sim.evaluator import evaluate_outcome
+    from fl_sim.split.cut import split
+    from fl_sim.split.server import SplitServer
+    from fl_sim.workspace import initial_model, workspace
 
     cfg = compose(SPLIT + ["model=lenet", "scenario.cut_layer=body.1", "num_clients=2", "attack=fsha"])
     validate(cfg)
@@ -155,7 +158,8 @@ def test_u_shaped_split_keeps_labels_on_the_client_trains_exactly_and_still_leak
     """Label-private U-shape: the client keeps the head and its labels; per batch the server returns its
     output and receives the gradient there. Still plain SGD's arithmetic; yet those gradients reveal the
     classes (direction scoring, Li et al. 2022)."""
-    from fl_sim.apps import initial_model, round_seed, workspace
+    from fl_sim.sampling import round_seed
+    from fl_sim.workspace import initial_model, workspace
     from fl_sim.training import evaluate, local_train
 
     cfg = compose(SPLIT + ["model=mlp", "model.hidden=[32,16]", "scenario.cut_layer=net.2",
@@ -177,7 +181,7 @@ def test_u_shaped_split_keeps_labels_on_the_client_trains_exactly_and_still_leak
 
 def test_the_u_shape_is_three_parts_that_compose_to_the_model_and_a_bad_head_layer_is_refused(compose):
     from fl_sim.models import build_model
-    from fl_sim.split import split
+    from fl_sim.split.cut import split
 
     model = build_model("mlp", (1, 8, 8), 10, hidden=(32, 16))
     client, middle = split(compose(SPLIT + ["scenario.cut_layer=net.2", "scenario.head_layer=net.4"]), model)

@@ -25,7 +25,7 @@ def _rounds(summary):
 
 
 def _draws(seed, rnd, cid):
-    return np.random.default_rng([seed, rnd, cid, 0xFA]).random(2)  # fl_sim.apps._maybe_drop_out's draws
+    return np.random.default_rng([seed, rnd, cid, 0xFA]).random(2)  # fl_sim.faults.maybe_fail's draws
 
 
 @pytest.mark.e2e
@@ -161,14 +161,14 @@ def test_a_sweep_rerun_skips_runs_completed_with_the_same_config(compose, tmp_pa
 
 
 def test_split_optimiser_state_survives_the_trip_through_records():
-    from fl_sim.split import _load_optimizer, _save_optimizer
+    from fl_sim.split.cut import load_optimizer, save_optimizer
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net(torch.ones(4, 3)).sum().backward()
     opt.step()
     fresh = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    _load_optimizer(fresh, _save_optimizer(opt))
+    load_optimizer(fresh, save_optimizer(opt))
     for p in net.parameters():
         assert torch.equal(fresh.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from fl_sim.privacy import PrivacyLedger
-from fl_sim.sweep_report import (
+from fl_sim.sweep import (
     EPSILON_PLOT,
     JSON_NAME,
     PARAMETER_PLOT,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.serverapp import strategy as fs
 
-from fl_sim.apps import round_seed, sample_clients
+from fl_sim.sampling import round_seed, sample_clients
 from fl_sim.training import evaluate, local_train
 from strategies import STRATEGIES, make_strategy
 

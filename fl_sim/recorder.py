@@ -1,0 +1,152 @@
+"""What a run produces and where it goes: the run directory. ``RunRecorder`` collects the rounds,
+attacks and privacy of a run as the server loop reports them and writes ``summary.json`` (and, for a
+completed run, ``report.md`` with its pictures); JSON is always written whole (temporary file, then
+rename), so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from fl_sim.report import write_report
+
+log = logging.getLogger("fl_sim")
+
+
+def new_run_dir(parent: str | os.PathLike) -> Path:
+    path = Path(parent) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default))
+    os.replace(tmp, path)
+
+
+def json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RunRecorder:
+    """Collects what a run produces and writes the run directory.
+
+    The ServerApp thread calls ``started()`` once clients answered (Ray is up) and ``round(...)``
+    after each round; the runner calls ``finish(status)``.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.perf_counter()
+        self.t_sim_start: float | None = None
+        self.t_first_round: float | None = None
+        self.t_sim_end: float | None = None
+        self.rounds: list[dict] = []
+        self.attacks: list[dict] = []
+        self.skipped_attacks: list[dict] = []
+        self.privacy: dict | None = None
+        self.data_info: dict | None = None
+        self.model_info: dict | None = None
+        self.summary: dict | None = None
+
+    # --- called while running
+    def simulation_starting(self) -> None:
+        self.t_sim_start = time.perf_counter()
+
+    def started(self) -> None:
+        self.t_first_round = time.perf_counter()
+        log.info("clients ready after %.1f s (Ray start-up)", self.t_first_round - (self.t_sim_start or self.t_start))
+
+    def round(self, **entry: Any) -> None:
+        self.rounds.append(entry)
+        train = f"{entry['train_loss']:.4f}" if entry.get("train_loss") is not None else "n/a"
+        fails = f"  failures {entry['failures']}" if entry.get("failures") else ""
+        if entry.get("trained") is not None and entry["trained"] != len(entry["clients"]) - entry.get("failures", 0):
+            fails += f"  trained {entry['trained']}"
+        log.info("round %d/%d  clients %d  train_loss %s  test_loss %.4f  test_accuracy %.4f  (%.1f s)%s",
+                 entry["round"], self.cfg.num_rounds, len(entry["clients"]), train, entry["test_loss"],
+                 entry["test_accuracy"], entry["seconds"], fails)
+
+    def attack(self, entry: dict) -> None:
+        self.attacks.append(entry)
+        if entry.get("error"):
+            log.info("attack %s round %d client %s failed: %s", entry["attack"], entry["round"], entry["client"],
+                     entry["error"])
+            return
+        labels = f"  label accuracy {entry['label_accuracy']:.2f}" if entry.get("label_accuracy") is not None else ""
+        if entry.get("psnr") is None:  # a label-only attack
+            log.info("attack %s round %d client %s (%d examples, observed %s):%s  (%.1f s)", entry["attack"],
+                     entry["round"], entry["client"], entry["batch_size"], entry["observed"], labels, entry["seconds"])
+            return
+        log.info("attack %s round %d client %s (%d examples): PSNR %.2f dB  SSIM %.3f%s  (%.1f s)", entry["attack"],
+                 entry["round"], entry["client"], entry["batch_size"], entry["psnr"], entry["ssim"], labels,
+                 entry["seconds"])
+
+    def simulation_finished(self) -> None:
+        self.t_sim_end = time.perf_counter()
+
+    # --- the run directory
+    def timing(self) -> dict:
+        now = time.perf_counter()
+        sim = (self.t_sim_end or now) - self.t_sim_start if self.t_sim_start else 0.0
+        startup = (self.t_first_round - self.t_sim_start) if (self.t_first_round and self.t_sim_start) else None
+        return {
+            "total_seconds": now - self.t_start,
+            "simulation_seconds": sim,
+            "startup_seconds": startup,
+            "attack_seconds": float(sum(r.get("attack_seconds", 0.0) for r in self.rounds)),  # wall time
+        }
+
+    def finish(self, status: str, error: str | None = None) -> dict:
+        summary: dict[str, Any] = {"status": status}
+        if error is not None:
+            summary["error"] = error
+        summary.update({
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "rounds": self.rounds,
+            "attacks": self.attacks,
+            "attacks_skipped": self.skipped_attacks,
+            "privacy": self.privacy,
+            "timing": self.timing(),
+            "data": self.data_info,
+            "model": self.model_info,
+            "run_dir": str(self.run_dir.resolve()),
+            "versions": _versions(),
+        })
+        self.summary = summary
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if status == "completed" and self.cfg.report:
+            write_report(self.run_dir, summary)
+        return summary
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("fl-sim", "flwr", "ray", "torch", "opacus", "flwr-datasets", "hydra-core", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,181 @@
+"""The server side: Flower's ServerApp and the federated training loop. Each round: sample the
+clients (seeded), send them the global model through the run's Flower strategy, screen the replies
+(failures, DP budgets, NaN/Inf), let the adversarial server attack what it observed, aggregate,
+evaluate centrally, record, checkpoint. ``server_main`` hands a SecAgg+ run to ``fl_sim.secagg``
+and a split-learning run to ``fl_sim.split.server``.
+
+``make_server_app(cfg, recorder)`` builds the app for ``fl_sim.runner``; ``fl_sim.flwr_app`` runs
+``server_main`` under ``flwr run``."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from fl_sim import checkpoint
+from fl_sim.attacking import adversarial_server
+from fl_sim.evaluator import evaluate_outcome
+from fl_sim.faults import failure_reason
+from fl_sim.malicious import malicious_rewrite
+from fl_sim.privacy import RESTORE_KEY, CentralDP, dp_history_record, privacy_ledger
+from fl_sim.protocol import SampledGrid, discover_clients, train_config
+from fl_sim.sampling import sample_clients
+from fl_sim.secagg import server_main_secagg
+from fl_sim.split.server import server_main_split
+from fl_sim.training import evaluate
+from fl_sim.workspace import Workspace, initial_model, workspace
+from strategies import make_strategy
+from strategies.adversarial import AdversarialStrategy
+from strategies.guard import RejectNonFinite
+from strategies.registry import with_central_dp
+
+log = logging.getLogger("fl_sim")
+
+
+def make_server_app(cfg: dict | DictConfig, recorder, resume_from: dict | None = None) -> ServerApp:
+    conf = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    app = ServerApp()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        server_main(conf, grid, recorder, context, resume_from)
+
+    return app
+
+
+def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None = None,
+                resume_from: dict | None = None) -> None:
+    """One run's server loop, by scenario and defense; ``resume_from``: a loaded checkpoint to continue from."""
+    if cfg.scenario.name == "split":
+        return server_main_split(cfg, grid, recorder, resume_from)
+    if cfg.defense.secagg:
+        return server_main_secagg(cfg, grid, context, recorder, resume_from)
+    return server_main_federated(cfg, grid, recorder, resume_from)
+
+
+def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:
+    """The evaluator's turn: score the round's reconstructions against the truth, note skipped targets."""
+    for outcome in strategy.take_outcomes():
+        recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
+    for skipped in strategy.skipped:
+        log.warning("attack skipped: round %d client %d (%s)", skipped["round"], skipped["client"], skipped["reason"])
+    recorder.skipped_attacks += strategy.skipped
+    strategy.skipped = []
+
+
+def server_main_federated(cfg: DictConfig, grid: Grid, recorder, resume_from: dict | None = None) -> None:
+    """The training loop of a federated run: sample, send, aggregate (Flower strategy), evaluate, record,
+    checkpoint; ``resume_from``: a loaded checkpoint to continue from."""
+    ws = workspace(cfg, "server")
+    s = cfg.strategy
+    strategy = make_strategy(
+        s.name, proximal_mu=s.proximal_mu, eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2,
+        tau=s.tau, server_learning_rate=s.server_learning_rate, server_momentum=s.server_momentum,
+        trim_beta=s.trim_beta, num_malicious_clients=s.num_malicious_clients,
+        # user-level DP calibrates its noise to a plain mean: every client weighs the same
+        weighted_by_key="unit-weight" if cfg.defense.central_dp else "num-examples")
+    central = CentralDP(cfg) if cfg.defense.central_dp else None
+    if central is not None:
+        d = cfg.defense
+        strategy = with_central_dp(strategy, side=str(d.central_side), clipping=str(d.central_clipping),
+                                   noise_multiplier=float(d.central_noise_multiplier),
+                                   clipping_norm=float(d.clipping_norm), num_sampled_clients=central.num_sampled)
+    node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
+    client_of = {n: c for c, n in node_of.items()}
+    # NaN/Inf in an update is rejected and reported, never averaged (nor clipped by a DP wrapper)
+    guard = strategy = RejectNonFinite(strategy, client_of=lambda m: client_of.get(m.metadata.src_node_id, -1))
+    if cfg.attack.name != "none":
+        strategy = adversarial_server(cfg, strategy, ws, client_of)
+    ledger = privacy_ledger(cfg, ws.data)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
+    rewrite = malicious_rewrite(cfg, arrays.to_torch_state_dict())
+    x_test, y_test = ws.test_tensors()
+    first = 1
+    if resume_from is not None:  # continue an interrupted run from its last checkpoint
+        arrays = ArrayRecord(resume_from["model"])
+        checkpoint.restore_strategy(strategy, resume_from["strategy"])
+        checkpoint.restore_rng(rng, resume_from["rng"])
+        state = resume_from["state"]
+        if ledger is not None:
+            ledger.restore(state.get("ledger", {}))
+        if central is not None:
+            central.rounds, central.per_round = list(state["central"]["rounds"]), list(state["central"]["per_round"])
+        first = int(resume_from["round"]) + 1
+        log.info("resuming after round %d", first - 1)
+    recorder.started()
+    for rnd in range(first, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
+        view = SampledGrid(grid, [node_of[c] for c in sampled])
+        messages = list(strategy.configure_train(rnd, arrays, train_config(cfg, rnd), view))
+        if resume_from is not None and ledger is not None:  # fresh client nodes get their DP history back
+            for i, m in enumerate(messages):
+                entry = ledger.clients.get(client_of.get(m.metadata.dst_node_id, -1))
+                if entry is not None and entry.get("steps"):  # Flower's messages share one content: copy it
+                    content = RecordDict({**dict(m.content.items()), RESTORE_KEY: dp_history_record(entry)})
+                    messages[i] = Message(content=content, dst_node_id=m.metadata.dst_node_id,
+                                          message_type=m.metadata.message_type)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        # Aggregate in client order so that float sums do not depend on arrival order.
+        replies.sort(key=lambda m: client_of.get(m.metadata.src_node_id, -1))
+        ok = [m for m in replies if not m.has_error()]
+        failures = {client_of.get(m.metadata.src_node_id, -1): m.error.reason for m in replies if m.has_error()}
+        answered = {m.metadata.src_node_id for m in replies}
+        late = [c for c in sampled if node_of[c] not in answered]  # no reply within round_timeout
+        failures.update({c: f"no reply within round_timeout={cfg.round_timeout:g} s" for c in late})
+        stragglers = len(late) + sum(float(m.content["client"].get("delay", 0.0)) > 0 for m in ok)
+        if not ok:
+            reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
+            raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        if ledger is not None:  # DP-SGD clients report their ε; those out of budget sent no model
+            for m in ok:
+                ledger.observe(rnd, client_of.get(m.metadata.src_node_id, -1), m.content["privacy"])
+            ok = [m for m in ok if not bool(m.content["privacy"]["declined"])]
+        seen = len(guard.rejected)
+        ok = guard.screen(rnd, ok)  # before the attack sees it too
+        rejected = [{"client": e.get("client", -1), "reason": e["reason"]} for e in guard.rejected[seen:]]
+        if isinstance(strategy, AdversarialStrategy):
+            strategy.note_failures(rnd, sorted(set(failures) | {e["client"] for e in rejected}))
+        t_agg = time.perf_counter()
+        np.random.seed(np.random.SeedSequence([cfg.seed, rnd, 0xA6]).generate_state(1)[0])  # Flower's DP noise
+        new_arrays, metrics = strategy.aggregate_train(rnd, ok) if ok else (None, None)  # attacks happen in here
+        if ledger is not None:
+            ledger.end_round(rnd)
+            recorder.privacy = ledger.summary()
+        if central is not None and ok:
+            central.released(rnd)
+            recorder.privacy = central.summary() if ledger is None else {**recorder.privacy, "central": central.summary()}
+        attack_seconds = 0.0
+        if isinstance(strategy, AdversarialStrategy):
+            attack_seconds = time.perf_counter() - t_agg
+            score_attacks(strategy, cfg, ws, recorder)
+        if new_arrays is not None:
+            arrays = new_arrays if rewrite is None else ArrayRecord(rewrite(new_arrays.to_torch_state_dict()))
+        ws.model.load_state_dict(arrays.to_torch_state_dict())
+        test_loss, test_acc = evaluate(ws.model, x_test, y_test, cfg.eval_batch_size)
+        recorder.round(
+            round=rnd,
+            train_loss=float(metrics["train_loss"]) if metrics and "train_loss" in metrics else None,
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            clients=sampled,
+            trained=len(ok),  # replies aggregated (sampled minus failed minus out of DP budget)
+            failures=len(failures),
+            failed={str(c): failure_reason(r) for c, r in sorted(failures.items())},
+            rejected=rejected,
+            stragglers=stragglers,
+            seconds=time.perf_counter() - t0,
+            attack_seconds=attack_seconds,
+        )
+        if cfg.checkpoint:
+            checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
+                            model=arrays.to_torch_state_dict(), strategy=strategy, rng=rng, recorder=recorder,
+                            state={"ledger": ledger.state() if ledger is not None else {},
+                                   "central": {"rounds": central.rounds, "per_round": central.per_round}
+                                   if central is not None else {}})
