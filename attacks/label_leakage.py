@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 
 def direction_scoring(cut_gradients: torch.Tensor, num_classes: int, seed: int = 0) -> np.ndarray:
     """Cluster ids (0..num_classes-1) of the per-example gradients by direction."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # imported when used: scikit-learn takes a second to import
 
     g = cut_gradients.detach().flatten(1).double()
     g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)

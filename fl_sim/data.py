@@ -6,6 +6,10 @@ packages (nothing is downloaded); users' own data come from a CIFAR python-pickl
 folder, MNIST IDX files or a Hugging Face dataset (through flwr-datasets).
 
 Partitions come from flwr-datasets partitioners over the (seeded, shuffled) training split.
+
+Each loader imports its own library when called (pandas, scikit-learn, PIL, foolbox, datasets,
+flwr-datasets): every Ray actor imports this module, and those take seconds it needs only for the
+dataset it loads.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def validate_defense(cfg: Any) -> None:
               f"defense.secagg_num_shares as a count must be at least 3 (got {d.secagg_num_shares})")
         _need(d.secagg_clipping_range > 0, f"defense.secagg_clipping_range must be > 0 (got {d.secagg_clipping_range})")
         n, s = cfg.num_clients, cfg.strategy
-        sampled = min(n, max(int(n * s.fraction_train), s.min_train_clients))  # fl_sim.apps.num_sampled's rule
+        sampled = min(n, max(int(n * s.fraction_train), s.min_train_clients))  # fl_sim.sampling.num_sampled's rule
         _need(sampled >= 2, f"defense=secagg needs at least 2 clients sampled each round (got {sampled}: num_clients={n}, "
                             f"strategy.fraction_train={s.fraction_train}); SecAgg+ masks an update with other clients'")
         shares, threshold = d.secagg_num_shares, d.secagg_reconstruction_threshold

@@ -77,7 +77,7 @@ def with_central_dp(
     """Wrap ``strategy`` in Flower's user-level DP wrapper (McMahan et al. 2018; adaptive clipping:
     Andrew et al. 2021). ``side="client"`` needs the matching Flower client mod
     (``fixedclipping_mod`` / ``adaptiveclipping_mod``) on the clients."""
-    from flwr.serverapp.strategy import (
+    from flwr.serverapp.strategy import (  # only central DP needs them
         DifferentialPrivacyClientSideAdaptiveClipping,
         DifferentialPrivacyClientSideFixedClipping,
         DifferentialPrivacyServerSideAdaptiveClipping,

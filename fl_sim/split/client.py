@@ -75,7 +75,7 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
             load_optimizer(opt, context.state[STATE_OPTIMIZER])
         net, stepper = bottom, opt
         if budget is not None:
-            from opacus import GradSampleModule
+            from opacus import GradSampleModule  # imported when used: Opacus takes seconds to import
             from opacus.optimizers import DPOptimizer
 
             net = GradSampleModule(bottom, loss_reduction="mean")
