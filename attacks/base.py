@@ -2,7 +2,9 @@
 
 An attack sees only what a server observes (``Observation``) and what it knows (``Knowledge``):
 the model it sent, the hyper-parameters it sent, the number of examples the client reported.
-It never sees the client's data. Images are returned in [0, 1] (the attack works in the model's
+It never sees the client's data. A model-inversion attack observes a trained model itself
+(``ModelObservation``) and reconstructs representatives of its classes with the attacker's own
+auxiliary data. Images are returned in [0, 1] (the attack works in the model's
 normalised input space and maps back with ``knowledge.mean`` / ``knowledge.std``).
 
 Pure PyTorch: usable on any ``(model, update)`` pair without Flower or fl_sim::
@@ -52,6 +54,15 @@ class Observation:
 
 
 @dataclass
+class ModelObservation:
+    """A trained model as the attacker holds it (``observed: "model"``): its weights. The architecture
+    is ``knowledge.model``; white-box access."""
+
+    state: dict[str, torch.Tensor]
+    kind: str = "model"
+
+
+@dataclass
 class Knowledge:
     """What the server knows besides the observation.
 
@@ -73,6 +84,7 @@ class Knowledge:
     std: tuple[float, ...] = (1.0,)
     bn_stats_known: bool = False
     auxiliary_inputs: torch.Tensor | None = None  # the attacker's own data (normalised), e.g. for a decoder
+    target_classes: tuple[int, ...] = ()  # model inversion: the classes to reconstruct (empty: every class)
     device: str = "cpu"
 
     @property

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from attacks.analytic import Analytic
+from attacks.deepinversion import DeepInversion
 from attacks.dlg import DLG
 from attacks.fsha import FSHA
+from attacks.gmi import GMI
 from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
 from attacks.inverse_network import InverseNetwork
+from attacks.mi_face import MIFace
 from attacks.rmle import RMLE
 from attacks.unsplit import UnSplit
 
@@ -22,6 +25,9 @@ ATTACKS = {
     "inverse_network": InverseNetwork,
     "unsplit": UnSplit,
     "fsha": FSHA,  # split learning, malicious server: hijacks the client's training (setup/hijack first)
+    "mi_face": MIFace,  # model inversion of a trained model (observed: model)
+    "gmi": GMI,  # model inversion with a GAN prior trained on auxiliary data (fit_prior first)
+    "deepinversion": DeepInversion,  # model inversion from the BatchNorm statistics (data-free)
 }
 
 

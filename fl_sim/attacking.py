@@ -39,6 +39,17 @@ def attack_from_config(a: DictConfig):
     if a.name == "fsha":
         return make_attack("fsha", lr_encoder=a.lr, lr_discriminator=a.lr, gradient_penalty=a.gradient_penalty,
                            seed=a.seed)
+    if a.name == "mi_face":
+        return make_attack("mi_face", iterations=a.iterations, lr=a.lr, patience=a.patience, tv=a.tv,
+                           per_class=a.per_class, seed=a.seed)
+    if a.name == "gmi":
+        return make_attack("gmi", iterations=a.iterations, lr=a.lr, momentum=a.momentum, lam=a.lam,
+                           restarts=a.restarts, per_class=a.per_class, latent_dim=a.latent_dim, width=a.gan_width,
+                           gan_steps=a.gan_steps, gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr,
+                           critic_steps=a.critic_steps, gradient_penalty=a.gradient_penalty, seed=a.seed)
+    if a.name == "deepinversion":
+        return make_attack("deepinversion", iterations=a.iterations, lr=a.lr, bn_weight=a.bn_weight, tv=a.tv,
+                           per_class=a.per_class, seed=a.seed)
     raise ValueError(f"attack={a.name} is not known")
 
 

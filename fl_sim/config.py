@@ -96,6 +96,22 @@ class AttackConfig:
     batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
     num_cpus: float = 1.0  # threads of each attack worker
+    # model inversion of a trained model (mi_face, gmi, deepinversion): observed "model"
+    on: str = "final"  # which model is attacked: final (the global model after the last round)
+    auxiliary: str = "disjoint_classes"  # the attacker's public data: disjoint_classes | split (auxiliary_fraction)
+    private_classes: List[int] = field(default_factory=list)  # disjoint_classes: the clients' classes ([]: lower half)
+    target_classes: List[int] = field(default_factory=list)  # classes to reconstruct ([]: every private class)
+    per_class: int = 5  # reconstructions per target class
+    momentum: float = 0.9  # gmi: Nesterov momentum of the latent search
+    lam: float = 100.0  # gmi: weight of the identity loss against the prior
+    patience: int = 100  # mi_face: stop after this many iterations without improvement
+    bn_weight: float = 10.0  # deepinversion: weight of the BatchNorm statistics term
+    latent_dim: int = 100  # GAN prior: latent size
+    gan_width: int = 64  # GAN prior: base width of generator and critic
+    gan_steps: int = 2000  # GAN prior: generator steps (each after critic_steps critic steps)
+    gan_batch_size: int = 64
+    gan_lr: float = 2.0e-4
+    critic_steps: int = 5
 
 
 @dataclass
@@ -203,6 +219,7 @@ class Config:
     verbose: bool = False
     report: bool = True
     checkpoint: bool = True  # write checkpoint.pt after every round (removed when the run completes)
+    cache_dir: Optional[str] = None  # trained GAN priors and evaluation classifiers ($FL_SIM_CACHE or ~/.cache/fl_sim)
 
 
 def register_configs() -> None:

@@ -46,10 +46,22 @@ class FederatedData:
     std: np.ndarray  # (C,)
     x_aux: np.ndarray | None = None  # the attacker's own data (normalised), disjoint from every client's
     y_aux: np.ndarray | None = None
+    # Model inversion's division of the classes (``private_classes``): the clients hold the private ones,
+    # relabelled 0..P-1 (``classes[i]`` is model class i's label in the dataset); the attacker's auxiliary
+    # data are the other, public classes (``y_aux`` in the dataset's labels). ``x_test_all``/``y_test_all``:
+    # the whole test split, every class, dataset labels (the evaluation classifier's test).
+    classes: tuple[int, ...] | None = None
+    x_test_all: np.ndarray | None = None
+    y_test_all: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def dataset_labels(self) -> tuple[int, ...]:
+        """The dataset's label of each class of the model (the identity without a division of classes)."""
+        return self.classes if self.classes is not None else tuple(range(self.num_classes))
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         idx = self.partitions[cid]
@@ -353,10 +365,29 @@ def partition_indices(y: np.ndarray, part_cfg, num_clients: int, seed: int) -> l
     return parts
 
 
-def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int,
-                         auxiliary_fraction: float = 0.0) -> FederatedData:
+def divide_classes(num_classes: int, private: list[int] | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(private classes, public classes) of a dataset; ``private`` empty: the lower half of the classes."""
+    chosen = tuple(sorted(set(int(c) for c in private))) or tuple(range(num_classes // 2))
+    bad = [c for c in chosen if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"attack.private_classes={list(private)} names classes the dataset does not have "
+                          f"(it has 0..{num_classes - 1})")
+    public = tuple(c for c in range(num_classes) if c not in chosen)
+    if not chosen or not public:
+        raise ConfigError(f"attack.private_classes={list(chosen)} leaves the attacker no public class of the "
+                          f"{num_classes}: its auxiliary data would be empty; name fewer private classes")
+    return chosen, public
+
+
+def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int, auxiliary_fraction: float = 0.0,
+                         private_classes: list[int] | tuple[int, ...] | None = None) -> FederatedData:
     """Load, hold out the test split, set ``auxiliary_fraction`` of the training pool aside as the
-    attacker's data (stratified, seeded), normalise, partition the rest over the clients."""
+    attacker's data (stratified, seeded), normalise, partition the rest over the clients.
+
+    ``private_classes`` (model inversion's ``disjoint_classes`` protocol): only those classes go to the
+    clients (relabelled 0..P-1, in order) and to the test split the global model is evaluated on; the
+    training examples of every other class are the attacker's auxiliary public data (``[]``: the lower
+    half of the classes is private)."""
     x, y, x_test, y_test = load_arrays(ds_cfg)
     if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
         raise ConfigError(f"dataset={ds_cfg.name}: expected N images with N labels, got {x.shape} and {y.shape}")
@@ -379,7 +410,21 @@ def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int,
         x, y = x[perm], y[perm]
     num_classes = int(max(y.max(), y_test.max())) + 1
     x_aux = y_aux = None
-    if auxiliary_fraction > 0:
+    classes = x_test_all = y_test_all = None
+    if private_classes is not None:
+        classes, _ = divide_classes(num_classes, private_classes)
+        relabel = np.full(num_classes, -1, np.int64)
+        relabel[list(classes)] = np.arange(len(classes))
+        mine, mine_test = np.isin(y, classes), np.isin(y_test, classes)
+        x_aux, y_aux = x[~mine], y[~mine]
+        x_test_all, y_test_all = x_test, y_test
+        x, y, x_test, y_test = x[mine], relabel[y[mine]], x_test[mine_test], relabel[y_test[mine_test]]
+        if len(y) == 0 or len(y_aux) == 0 or len(y_test) == 0:
+            raise ConfigError(f"dataset={ds_cfg.name}: dividing its classes into private {list(classes)} and public "
+                              f"leaves {len(y)} private training, {len(y_aux)} public and {len(y_test)} private test "
+                              "examples; every part needs some (use more data or other attack.private_classes)")
+        num_classes = len(classes)
+    elif auxiliary_fraction > 0:
         tr, aux = stratified_split(y, auxiliary_fraction, seed + 1)
         x_aux, y_aux, x, y = x[aux], y[aux], x[tr], y[tr]
     if ds_cfg.normalize:
@@ -391,4 +436,5 @@ def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int,
     parts = partition_indices(y, part_cfg, num_clients, seed)
     return FederatedData(norm(x), y, norm(x_test), y_test, parts, num_classes,
                          mean.astype(np.float32), std.astype(np.float32),
-                         None if x_aux is None else norm(x_aux), y_aux)
+                         None if x_aux is None else norm(x_aux), y_aux, classes,
+                         None if x_test_all is None else norm(x_test_all), y_test_all)

@@ -1,6 +1,7 @@
 """The evaluator: the only code that holds a client's data next to a reconstruction. It scores each
-attack's outcome against the truth (PSNR / SSIM after Hungarian matching, label accuracy), draws the
-originals above the reconstructions, and returns the ``summary.json`` entry. Attacks never see it."""
+attack's outcome against the truth (PSNR / SSIM after Hungarian matching, label accuracy; for model
+inversion the field's protocol under the evaluation classifier), draws the originals above the
+reconstructions, and returns the ``summary.json`` entry. Attacks never see it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from attacks.base import Reconstruction
 from attacks.label_leakage import label_accuracy_up_to_renaming
 from fl_sim.data import FederatedData
-from fl_sim.metrics import score
+from fl_sim.evaluation_classifier import EvaluationClassifier
+from fl_sim.metrics import frechet_distance, nearest, psnr, score, ssim
 from strategies.adversarial import AttackOutcome
 
 
@@ -36,8 +39,9 @@ def evaluate_label_guess(guess: dict, data: FederatedData) -> dict:
             "iterations": 0, "evaluations": 0, "seconds": guess["seconds"]}
 
 
-def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, max_images: int = 16) -> None:
-    """Originals (top row) above their matched reconstructions (bottom row)."""
+def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, max_images: int = 16,
+              rows: tuple[str, str] = ("original", "attack")) -> None:
+    """Originals (top row) above their matched reconstructions (bottom row); ``rows``: the rows' names."""
     import matplotlib  # imported when drawing: it costs the driver's start-up (and the actors' imports) otherwise
 
     matplotlib.use("Agg")
@@ -53,8 +57,8 @@ def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, m
                       vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0][0].set_ylabel("original", fontsize=8)
-    axes[1][0].set_ylabel("attack", fontsize=8)
+    axes[0][0].set_ylabel(rows[0], fontsize=8)
+    axes[1][0].set_ylabel(rows[1], fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -91,4 +95,63 @@ def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: s
                   f"{attack_name}, round {job.server_round}, client {tag}: PSNR {s['psnr_mean']:.2f} dB, "
                   f"SSIM {s['ssim_mean']:.3f}" + (" (best 16 shown)" if len(y_true) > 16 else ""))
         entry["picture"] = name
+    return entry
+
+
+# --------------------------------------------------------------------------- model inversion
+
+def evaluate_model_inversion(rec: Reconstruction, data: FederatedData, judge: EvaluationClassifier, *,
+                             attack_name: str, server_round: int, seconds: float, run_dir: Path | None) -> dict:
+    """Score a model inversion with the field's protocol; the ``summary.json`` entry (``observed: "model"``).
+
+    - attack accuracy: the share of reconstructions the evaluation classifier puts in their target class
+      (top-1; top-5 when it knows more than 5 classes), among *every* class of the dataset;
+    - KNN distance: per reconstruction, the smallest squared L2 distance in the evaluation classifier's
+      penultimate features to the private training images of its class, averaged;
+    - feature FID: the Fréchet distance between those features of the reconstructions and of the private
+      images of the target classes (not Inception's FID: no Inception weights here);
+    - each reconstruction's nearest private image (by that distance) and their PSNR / SSIM."""
+    images = np.clip(rec.inputs.detach().cpu().numpy().astype(np.float32), 0, 1)
+    model_labels = rec.labels.cpu().numpy().astype(np.int64)
+    dataset_labels = np.asarray(data.dataset_labels, dtype=np.int64)
+    wanted = dataset_labels[model_labels]  # the dataset's label of each reconstruction's target class
+    normalised = (images - data.mean[None, :, None, None]) / data.std[None, :, None, None]
+    logits = judge.logits(normalised)
+    top1 = logits.argmax(1) == wanted
+    top5 = (np.argsort(-logits, 1)[:, :5] == wanted[:, None]).any(1) if judge.num_classes > 5 else None
+    features = judge.features(normalised)
+    knn = np.zeros(len(images))
+    near_images = np.zeros_like(images)
+    private_features = []
+    for c in sorted(set(model_labels.tolist())):
+        own = np.flatnonzero(data.y_train == c)  # every client's training images of class c: the private data
+        f_private = judge.features(data.x_train[own])
+        private_features.append(f_private)
+        mine = np.flatnonzero(model_labels == c)
+        d2, idx = nearest(features[mine], f_private)
+        knn[mine] = d2
+        near = data.x_train[own[idx]] * data.std[None, :, None, None] + data.mean[None, :, None, None]
+        near_images[mine] = np.clip(near, 0, 1)
+    near_psnr = [psnr(near_images[i], images[i]) for i in range(len(images))]
+    near_ssim = [ssim(near_images[i], images[i]) for i in range(len(images))]
+    per_class = {str(int(dataset_labels[c])): float(top1[model_labels == c].mean()) for c in sorted(set(model_labels))}
+    entry = {"round": server_round, "client": None, "attack": attack_name, "observed": "model",
+             "target_classes": [int(dataset_labels[c]) for c in sorted(set(model_labels.tolist()))],
+             "per_class": int(len(images) // max(len(per_class), 1)), "batch_size": int(len(images)),
+             "attack_accuracy": float(top1.mean()), "attack_accuracy_top5": None if top5 is None else float(top5.mean()),
+             "attack_accuracy_per_class": per_class, "knn_distance": float(knn.mean()),
+             "feature_fid": frechet_distance(features, np.concatenate(private_features)),
+             "nearest_psnr": float(np.mean(near_psnr)), "nearest_ssim": float(np.mean(near_ssim)),
+             "psnr": None, "ssim": None, "label_accuracy": None,
+             "iterations": rec.iterations, "evaluations": rec.evaluations, "seconds": seconds}
+    if run_dir is not None:
+        entry["pictures"] = []
+        for c in sorted(set(model_labels.tolist())):
+            mine = np.flatnonzero(model_labels == c)
+            name = f"inversion_{attack_name}_class{int(dataset_labels[c])}.png"
+            save_grid(images[mine], near_images[mine], run_dir / name,
+                      f"{attack_name}, class {int(dataset_labels[c])}: attack accuracy {top1[mine].mean():.2f}, "
+                      f"nearest PSNR {np.mean([near_psnr[i] for i in mine]):.1f} dB",
+                      rows=("reconstruction", "nearest private"))
+            entry["pictures"].append(name)
     return entry

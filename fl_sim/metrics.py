@@ -9,6 +9,7 @@ per matched pair. Label accuracy compares the recovered labels with the true one
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -75,3 +76,32 @@ def score(true_images: np.ndarray, rec_images: np.ndarray, true_labels: np.ndarr
         "label_accuracy": None if labels_given else label_accuracy(true_labels, rec_labels),
         "order": order.tolist(),
     }
+
+
+# --------------------------------------------------------------------------- model inversion
+
+def nearest(features: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``features``, the smallest squared L2 distance to a row of ``references`` and its
+    index (the KNN distance of the model-inversion literature: GMI, KEDMI, the MI toolbox)."""
+    f = np.asarray(features, dtype=np.float64)
+    r = np.asarray(references, dtype=np.float64)
+    d2 = (f * f).sum(1)[:, None] - 2 * f @ r.T + (r * r).sum(1)[None, :]
+    idx = d2.argmin(1)
+    return np.maximum(d2[np.arange(len(f)), idx], 0.0), idx
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of feature vectors (FID's formula,
+    ||μa − μb||² + Tr(Σa + Σb − 2 (Σa Σb)^½)); which network made the features is the caller's to say."""
+    from scipy.linalg import sqrtm  # scipy: imported when scoring (seconds)
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a = np.atleast_2d(np.cov(a, rowvar=False)) if len(a) > 1 else np.zeros((a.shape[1], a.shape[1]))
+    cov_b = np.atleast_2d(np.cov(b, rowvar=False)) if len(b) > 1 else np.zeros((b.shape[1], b.shape[1]))
+    with warnings.catch_warnings():  # few samples in many dimensions: a singular product is expected
+        warnings.simplefilter("ignore")
+        root = sqrtm(cov_a @ cov_b)
+    if np.iscomplexobj(root):
+        root = root.real  # numerical imaginary parts of a nearly singular product
+    return float(max(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root), 0.0))

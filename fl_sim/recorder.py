@@ -69,6 +69,8 @@ class RunRecorder:
         self.privacy: dict | None = None
         self.data_info: dict | None = None
         self.model_info: dict | None = None
+        self.model_inversion: dict | None = None  # model inversion: attacker, division, target, evaluation classifier
+        self.extra_timing: dict[str, float] = {}  # model inversion: prior training, attack, evaluation classifier
         self.summary: dict | None = None
 
     # --- called while running
@@ -95,6 +97,13 @@ class RunRecorder:
             log.info("attack %s round %d client %s failed: %s", entry["attack"], entry["round"], entry["client"],
                      entry["error"])
             return
+        if entry.get("observed") == "model":
+            top5 = f", top-5 {entry['attack_accuracy_top5']:.2f}" if entry.get("attack_accuracy_top5") is not None else ""
+            log.info("attack %s on the final model (classes %s, %d images): attack accuracy %.2f%s, KNN distance "
+                     "%.1f, feature FID %.1f, nearest private image %.1f dB  (%.1f s)", entry["attack"],
+                     entry["target_classes"], entry["batch_size"], entry["attack_accuracy"], top5,
+                     entry["knn_distance"], entry["feature_fid"], entry["nearest_psnr"], entry["seconds"])
+            return
         labels = f"  label accuracy {entry['label_accuracy']:.2f}" if entry.get("label_accuracy") is not None else ""
         if entry.get("psnr") is None:  # a label-only attack
             log.info("attack %s round %d client %s (%d examples, observed %s):%s  (%.1f s)", entry["attack"],
@@ -117,6 +126,7 @@ class RunRecorder:
             "simulation_seconds": sim,
             "startup_seconds": startup,
             "attack_seconds": float(sum(r.get("attack_seconds", 0.0) for r in self.rounds)),  # wall time
+            **self.extra_timing,
         }
 
     def finish(self, status: str, error: str | None = None) -> dict:
@@ -132,6 +142,7 @@ class RunRecorder:
             "timing": self.timing(),
             "data": self.data_info,
             "model": self.model_info,
+            **({"model_inversion": self.model_inversion} if self.model_inversion is not None else {}),
             "run_dir": str(self.run_dir.resolve()),
             "versions": _versions(),
         })

@@ -49,12 +49,48 @@ def rounds_table(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_inversion_section(summary: dict) -> list[str]:
+    """Model inversion of the final model: the threat model, the division, the judge, the scores, the pictures."""
+    mi = summary["model_inversion"]
+    d, judge, prior = mi["division"], mi["evaluation_classifier"], mi["prior"]
+    trained = "loaded from the cache" if prior.get("cached") else f"trained in {prior.get('seconds', 0.0):.1f} s"
+    aux = (f"the public classes {d['public_classes']} ({d['auxiliary_examples']} training images; no class in common "
+           f"with the private ones)" if d["auxiliary"] == "disjoint_classes" else
+           f"a disjoint {d['auxiliary_fraction']:g} of the private classes' training pool ({d['auxiliary_examples']} images)")
+    out = ["## Attacks: model inversion of the final model", "",
+           f"Attacker: {mi['attacker']}, white-box. The clients trained on the private classes {d['private_classes']} "
+           f"(`{mi['target']['model']}`, final test accuracy {_fmt(mi['target']['test_accuracy'])}); the attacker's "
+           f"auxiliary data: {aux}.",
+           "",
+           f"Evaluation classifier (the evaluator's, never the attack's): {judge['architecture']}, trained on "
+           f"{judge['trained_on']}, {judge['classes']} classes, test accuracy {_fmt(judge['test_accuracy'])}"
+           f"{' (cached)' if judge['cached'] else ''}."
+           + (f" GAN prior: {trained}." if prior.get("prior") else ""),
+           "",
+           "| attack | classes | images | attack acc. | top-5 | KNN dist. | feature FID | nearest PSNR | nearest SSIM | seconds |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    entries = [a for a in summary.get("attacks") or [] if a.get("observed") == "model"]
+    for a in entries:
+        out.append(f"| {a['attack']} | {a['target_classes']} | {a['batch_size']} | {_fmt(a['attack_accuracy'], 3)} | "
+                   f"{_fmt(a['attack_accuracy_top5'], 3)} | {_fmt(a['knn_distance'], 2)} | {_fmt(a['feature_fid'], 2)} | "
+                   f"{_fmt(a['nearest_psnr'], 2)} | {_fmt(a['nearest_ssim'], 3)} | {_fmt(a['seconds'], 1)} |")
+    out += [""] + [f"- {n}" for n in mi.get("notes", [])] + [""]
+    for a in entries:
+        acc = ", ".join(f"{c}: {v:.2f}" for c, v in a["attack_accuracy_per_class"].items())
+        out += [f"Attack accuracy per class ({a['attack']}): {acc}. Each picture: reconstructions (top) above the "
+                "private training image nearest to each in the evaluation classifier's features (bottom).", ""]
+        out += [f"![{p}]({p})" for p in a.get("pictures", [])] + [""]
+    return out
+
+
 def attacks_section(summary: dict) -> list[str]:
     attacks = summary.get("attacks") or []
     cfg = summary["config"]["attack"]
     out = ["## Attacks", ""]
     if cfg["name"] == "none":
         return out + ["No attack was configured (honest server).", ""]
+    if summary.get("model_inversion"):
+        return model_inversion_section(summary)
     split = summary["config"].get("scenario", {}).get("name") == "split"
     u_shape = split and bool(summary["config"]["scenario"].get("head_layer"))
     labels = ("kept by the client (U-shape)" if u_shape else "sent with the activations") if split else \

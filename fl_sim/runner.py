@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from fl_sim import checkpoint
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
+from fl_sim.inversion import division, is_model_inversion, target_classes
 from fl_sim.config import Config, ConfigError, register_configs
 from fl_sim.models import num_parameters
 from fl_sim.recorder import RunRecorder
 from fl_sim.server import make_server_app
 from fl_sim.split.cut import cut_of, split
-from fl_sim.validation import defense_name, validate
+from fl_sim.validation import MODEL_ATTACKS, defense_name, validate
 from fl_sim.workspace import initial_model, workspace
 
 log = logging.getLogger("fl_sim")
@@ -44,7 +45,7 @@ def backend_config(cfg: DictConfig) -> dict:
         # a new local instance, always: never one recorded in /tmp/ray/ray_current_cluster (a stale record
         # of a killed run made ray.init wait for a dead cluster) nor another run's
         init_args["address"] = "local"
-        if cfg.attack.name != "none" and cfg.attack.workers > 0:
+        if cfg.attack.name not in ("none",) + MODEL_ATTACKS and cfg.attack.workers > 0:  # workers for round attacks
             init_args["resources"] = {ATTACK_RESOURCE: int(cfg.attack.workers)}
         if b.num_cpus is not None:
             init_args["num_cpus"] = int(b.num_cpus)
@@ -92,6 +93,9 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
         "clients": [{"client": i, "size": int(len(p)), "labels": h}
                     for i, (p, h) in enumerate(zip(d.partitions, d.label_histograms()))],
     }
+    if is_model_inversion(cfg):  # the private/public division, and targets the clients hold
+        target_classes(cfg, d)
+        recorder.data_info["division"] = division(cfg, d)
     init = initial_model(cfg, d)
     if cfg.scenario.name == "split":
         split(cfg, init)  # an invalid cut fails here, naming the valid ones
@@ -100,7 +104,8 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     for k, v in init.state_dict().items():
         digest.update(k.encode() + v.detach().cpu().numpy().tobytes())
     recorder.model_info = {"name": cfg.model.name, "parameters": num_parameters(init),
-                           "initial_sha256": digest.hexdigest()}
+                           "initial_sha256": digest.hexdigest(),
+                           **({"classes": list(d.dataset_labels)} if is_model_inversion(cfg) else {})}
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = None) -> dict:

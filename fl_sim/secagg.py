@@ -25,6 +25,7 @@ from fl_sim.malicious import malicious_rewrite
 from fl_sim.protocol import discover_clients, train_config
 from fl_sim.sampling import sample_clients
 from fl_sim.training import evaluate
+from fl_sim.validation import UPDATE_ATTACKS
 from fl_sim.workspace import initial_model, workspace
 from strategies.adversarial import AttackJob
 from strategies.secure_aggregation import ObservedFedAvg
@@ -33,7 +34,7 @@ log = logging.getLogger("fl_sim")
 
 
 def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
-                       resume_from: dict | None = None) -> None:
+                       resume_from: dict | None = None) -> dict[str, torch.Tensor]:
     """The same run under Flower's SecAgg+ (legacy workflow): the server only ever holds the
     aggregate of the sampled clients' models, and that is what an adversarial server attacks."""
     ws = workspace(cfg, "server")
@@ -50,11 +51,12 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         checkpoint.restore_rng(rng, resume_from["rng"])
         offset = int(resume_from["round"])
         log.info("resuming after round %d", offset)
-    attack = attack_from_config(cfg.attack) if cfg.attack.name != "none" else None
+    attack = attack_from_config(cfg.attack) if cfg.attack.name in UPDATE_ATTACKS else None
     scratch = initial_model(cfg, ws.data) if attack is not None else None  # the attack's copy of the architecture
     executor = attack_executor(cfg) if attack is not None else None
     x_test, y_test = ws.test_tensors()
     rounds: dict[int, dict] = {}
+    final = {"model": {k: torch.from_numpy(np.array(v)) for k, v in zip(keys, start)}}  # the latest global model
 
     def sample(rnd: int) -> list[int]:
         rnd += offset
@@ -66,6 +68,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
     def observe(rnd: int, nodes: list[int], sent: list, aggregate: list, results: list) -> None:
         rnd += offset
         clients = sorted(client_of[n] for n in nodes)
+        results = sorted(results, key=lambda r: int(r.metrics["partition-id"]))  # sums independent of arrival order
         n_total = sum(int(r.num_examples) for r in results)
         rounds[rnd].update(trained=len(results), stragglers=sum(float(r.metrics.get("delay", 0)) > 0 for r in results),
                            train_loss=sum(
@@ -96,7 +99,8 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
             recorder.started()
             return None
         rnd += offset
-        ws.model.load_state_dict(as_sent(ndarrays))
+        final["model"] = as_sent(ndarrays)
+        ws.model.load_state_dict(final["model"])
         test_loss, test_acc = evaluate(ws.model, x_test, y_test, cfg.eval_batch_size)
         r = rounds.get(rnd, {"t0": time.perf_counter(), "clients": [], "trained": 0, "train_loss": None,
                              "attack_seconds": 0.0})
@@ -122,6 +126,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
                                                                 round_timeout=float(cfg.round_timeout)),
                            strategy=strategy)
     workflow(grid, legacy)
+    return final["model"]
 
 
 def _count_or_fraction(v: float) -> int | float:

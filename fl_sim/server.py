@@ -13,6 +13,7 @@ import logging
 import time
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,7 @@ from fl_sim import checkpoint
 from fl_sim.attacking import adversarial_server
 from fl_sim.evaluator import evaluate_outcome
 from fl_sim.faults import failure_reason
+from fl_sim.inversion import attack_final_model, is_model_inversion
 from fl_sim.malicious import malicious_rewrite
 from fl_sim.privacy import RESTORE_KEY, CentralDP, dp_history_record, privacy_ledger
 from fl_sim.protocol import SampledGrid, discover_clients, train_config
@@ -28,6 +30,7 @@ from fl_sim.sampling import sample_clients
 from fl_sim.secagg import server_main_secagg
 from fl_sim.split.server import server_main_split
 from fl_sim.training import evaluate
+from fl_sim.validation import UPDATE_ATTACKS
 from fl_sim.workspace import Workspace, initial_model, workspace
 from strategies import make_strategy
 from strategies.adversarial import AdversarialStrategy
@@ -50,12 +53,16 @@ def make_server_app(cfg: dict | DictConfig, recorder, resume_from: dict | None =
 
 def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None = None,
                 resume_from: dict | None = None) -> None:
-    """One run's server loop, by scenario and defense; ``resume_from``: a loaded checkpoint to continue from."""
+    """One run's server loop, by scenario and defense, then model inversion of the final global model when
+    configured; ``resume_from``: a loaded checkpoint to continue from."""
     if cfg.scenario.name == "split":
         return server_main_split(cfg, grid, recorder, resume_from)
     if cfg.defense.secagg:
-        return server_main_secagg(cfg, grid, context, recorder, resume_from)
-    return server_main_federated(cfg, grid, recorder, resume_from)
+        final = server_main_secagg(cfg, grid, context, recorder, resume_from)
+    else:
+        final = server_main_federated(cfg, grid, recorder, resume_from)
+    if is_model_inversion(cfg):
+        attack_final_model(cfg, workspace(cfg, "server"), final, recorder)
 
 
 def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:
@@ -68,9 +75,10 @@ def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace,
     strategy.skipped = []
 
 
-def server_main_federated(cfg: DictConfig, grid: Grid, recorder, resume_from: dict | None = None) -> None:
+def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
+                          resume_from: dict | None = None) -> dict[str, torch.Tensor]:
     """The training loop of a federated run: sample, send, aggregate (Flower strategy), evaluate, record,
-    checkpoint; ``resume_from``: a loaded checkpoint to continue from."""
+    checkpoint; ``resume_from``: a loaded checkpoint to continue from. Returns the final global model."""
     ws = workspace(cfg, "server")
     s = cfg.strategy
     strategy = make_strategy(
@@ -89,7 +97,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder, resume_from: di
     client_of = {n: c for c, n in node_of.items()}
     # NaN/Inf in an update is rejected and reported, never averaged (nor clipped by a DP wrapper)
     guard = strategy = RejectNonFinite(strategy, client_of=lambda m: client_of.get(m.metadata.src_node_id, -1))
-    if cfg.attack.name != "none":
+    if cfg.attack.name in UPDATE_ATTACKS:  # the adversarial server inverts what clients send
         strategy = adversarial_server(cfg, strategy, ws, client_of)
     ledger = privacy_ledger(cfg, ws.data)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
@@ -179,3 +187,4 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder, resume_from: di
                             state={"ledger": ledger.state() if ledger is not None else {},
                                    "central": {"rounds": central.rounds, "per_round": central.per_round}
                                    if central is not None else {}})
+    return arrays.to_torch_state_dict()

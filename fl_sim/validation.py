@@ -21,8 +21,11 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum")
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint",
-           "rmle", "inverse_network", "unsplit", "fsha", "label_leakage")
+           "rmle", "inverse_network", "unsplit", "fsha", "label_leakage", "mi_face", "gmi", "deepinversion")
 SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha", "label_leakage")  # activations / cut gradients
+MODEL_ATTACKS = ("mi_face", "gmi", "deepinversion")  # model inversion of the trained model (observed: model)
+GAN_ATTACKS = ("gmi",)  # model inversion with a GAN prior trained on the auxiliary data
+UPDATE_ATTACKS = ("dlg", "idlg", "inverting_gradients", "analytic", "imprint")  # a client's update, or the aggregate
 SCENARIOS = ("federated", "split")
 SPLIT_MODES = ("vanilla", "splitfed")
 
@@ -96,6 +99,9 @@ def validate(cfg: Any) -> None:
     split = cfg.scenario.name == "split"
     if split:
         _choice("scenario.mode", cfg.scenario.mode, SPLIT_MODES)
+        _need(cfg.attack.name not in MODEL_ATTACKS,
+              f"attack={cfg.attack.name} inverts the trained global model; model inversion runs with "
+              "scenario=federated (a split run has no global model to release)")
         _need(cfg.attack.name in ("none",) + SPLIT_ATTACKS,
               f"attack={cfg.attack.name} attacks model updates; with scenario=split the server sees activations: "
               f"choose attack={'|'.join(SPLIT_ATTACKS)} or none")
@@ -124,6 +130,8 @@ def validate(cfg: Any) -> None:
     _need(cfg.attack.name not in ("inverse_network", "fsha") or cfg.attack.auxiliary_fraction > 0,
           f"attack={cfg.attack.name} trains on the attacker's own data: set attack.auxiliary_fraction "
           "in (0, 1), e.g. 0.1")
+    if cfg.attack.name in MODEL_ATTACKS:
+        validate_model_inversion(cfg)
     bad = [c for c in cfg.attack.target_clients if not 0 <= c < cfg.num_clients]
     _need(not bad, f"attack.target_clients={list(cfg.attack.target_clients)}: {bad} are not clients "
                    f"(clients are 0..{cfg.num_clients - 1})")
@@ -191,6 +199,37 @@ def validate(cfg: Any) -> None:
     _need(cfg.model.width >= 1, f"model.width must be at least 1 (got {cfg.model.width})")
     _need(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden),
           f"model.hidden must list positive layer sizes (got {list(cfg.model.hidden)})")
+
+
+def validate_model_inversion(cfg: Any) -> None:
+    """The settings of a model-inversion attack (the classes it may target are checked once the data are
+    loaded: ``fl_sim.inversion.check_targets``)."""
+    a = cfg.attack
+    _choice("attack.on", a.on, ("final",))
+    _choice("attack.auxiliary", a.auxiliary, ("disjoint_classes", "split"))
+    _need(a.auxiliary != "split" or a.auxiliary_fraction > 0,
+          "attack.auxiliary=split gives the attacker a fraction of the clients' classes: set "
+          "attack.auxiliary_fraction in (0, 1), e.g. 0.2")
+    _need(a.auxiliary != "disjoint_classes" or a.auxiliary_fraction == 0,
+          f"attack.auxiliary_fraction={a.auxiliary_fraction} is for attack.auxiliary=split; with disjoint_classes "
+          "the attacker's data are the public classes (set attack.auxiliary_fraction=0)")
+    _need(a.auxiliary == "disjoint_classes" or not a.private_classes,
+          "attack.private_classes divides the classes (attack.auxiliary=disjoint_classes); with auxiliary=split "
+          "every class is private")
+    _need(a.per_class >= 1, f"attack.per_class must be at least 1 (got {a.per_class})")
+    _need(a.lr > 0, f"attack.lr must be > 0 (got {a.lr})")
+    _need(a.name != "mi_face" or a.patience >= 1, f"attack.patience must be at least 1 (got {a.patience})")
+    if a.name in GAN_ATTACKS:
+        for key in ("latent_dim", "gan_steps", "gan_batch_size", "critic_steps"):
+            _need(a[key] >= 1, f"attack.{key} must be at least 1 (got {a[key]})")
+        _need(a.gan_width >= 2, f"attack.gan_width must be at least 2 (got {a.gan_width})")
+        _need(a.gan_lr > 0, f"attack.gan_lr must be > 0 (got {a.gan_lr})")
+        _need(a.lam >= 0 and a.momentum >= 0, f"attack.lam and attack.momentum must be >= 0 (got {a.lam}, {a.momentum})")
+    if a.name == "deepinversion":
+        _need(cfg.model.name in ("convnet", "resnet18") and not cfg.defense.dpsgd,
+              f"attack=deepinversion matches the statistics stored in BatchNorm layers: model={cfg.model.name}"
+              f"{' under defense=dpsgd (GroupNorm)' if cfg.defense.dpsgd else ''} has none; use model=convnet or "
+              "model=resnet18 without dpsgd, or another attack (gmi, mi_face)")
 
 
 def validate_defense(cfg: Any) -> None:

@@ -15,6 +15,7 @@ from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.malicious import wrap_model
 from fl_sim.models import build_model
 from fl_sim.training import resolve_device
+from fl_sim.validation import MODEL_ATTACKS
 
 
 @dataclass
@@ -48,6 +49,15 @@ def _data_key(cfg: DictConfig) -> str:
                        for k in keys}, sort_keys=True)
 
 
+def private_classes(cfg: DictConfig) -> list[int] | None:
+    """Model inversion's disjoint-classes protocol: the classes the clients hold (``[]``: the lower half of
+    the dataset's; the rest is the attacker's public data). None when the run divides no classes."""
+    a = cfg.attack
+    if a.name in MODEL_ATTACKS and a.auxiliary == "disjoint_classes":
+        return [int(c) for c in a.private_classes]
+    return None
+
+
 def architecture(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
     """The configured model, shaped by the dataset (fresh weights from torch's global generator)."""
     return build_model(cfg.model.name, data.input_shape, data.num_classes, width=cfg.model.width,
@@ -75,7 +85,7 @@ def workspace(cfg: DictConfig, role: str) -> Workspace:
         else:
             device = resolve_device(cfg.device)
         data = build_federated_data(cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed,
-                                    float(cfg.attack.auxiliary_fraction))
+                                    float(cfg.attack.auxiliary_fraction), private_classes(cfg))
         model = initial_model(cfg, data).to(device)
         _WORKSPACES[key] = Workspace(data, model, device, {})
     return _WORKSPACES[key]

@@ -205,6 +205,23 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "pathological_more_classes_than_exist": (TINY + ["partition=pathological", "partition.classes_per_client=11"],
                                              "partition.classes_per_client=11 exceeds the 10 classes"),
     "hf_without_a_name": (["dataset=huggingface", "attack=none"], "dataset=huggingface needs dataset.hf_name"),
+    # model inversion of the trained model
+    "model_inversion_without_public_classes": (TINY + ["attack=gmi", "attack.private_classes=[0,1,2,3,4,5,6,7,8,9]"],
+                                               "leaves the attacker no public class of the 10"),
+    "model_inversion_private_class_unknown": (TINY + ["attack=mi_face", "attack.private_classes=[3,12]"],
+                                              "attack.private_classes=[3, 12] names classes the dataset does not have"),
+    "model_inversion_target_not_private": (TINY + ["attack=mi_face", "attack.target_classes=[1,7]"],
+                                           "attack.target_classes=[1, 7]: [7] are not private classes"),
+    "deepinversion_without_batchnorm": (TINY + ["attack=deepinversion"],
+                                        "attack=deepinversion matches the statistics stored in BatchNorm layers"),
+    "deepinversion_under_dpsgd": (TINY + ["attack=deepinversion", "model=convnet", "defense=dpsgd"],
+                                  "under defense=dpsgd (GroupNorm) has none"),
+    "model_inversion_in_split": (["scenario=split", "attack=gmi"], "attack=gmi inverts the trained global model"),
+    "model_inversion_split_auxiliary_without_fraction": (TINY + ["attack=gmi", "attack.auxiliary=split"],
+                                                         "set attack.auxiliary_fraction in (0, 1)"),
+    "model_inversion_on_unknown": (TINY + ["attack=gmi", "attack.on=rounds"], "attack.on='rounds' is not known"),
+    "model_inversion_zero_per_class": (TINY + ["attack=mi_face", "attack.per_class=0"],
+                                       "attack.per_class must be at least 1"),
 }
 
 

@@ -1,0 +1,132 @@
+"""The generative prior that GAN-based model-inversion attacks share: a small DCGAN generator and a
+critic sized for the images (8x8 to 32x32), and WGAN-GP training (Gulrajani et al., "Improved
+Training of Wasserstein GANs", NeurIPS 2017) on the attacker's auxiliary data, as GMI trains it
+(gradient penalty 10, 5 critic steps per generator step, Adam lr 2e-4, betas (0.5, 0.999)).
+
+Images cross these functions in [0, 1]; the target model's normalisation is the caller's (``to_model``).
+GMI's networks are DCGANs for 64x64 faces; these keep their form (a fully connected layer to a 1/4-size
+map, two transposed-conv blocks with BatchNorm; a critic of two strided convs without normalisation, as
+WGAN-GP asks) at the small sizes fl-sim's datasets have.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def to_model(x01: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> the target model's normalised input space."""
+    return (x01 - mean) / std
+
+
+class Generator(nn.Module):
+    """z (latent_dim) [+ a class embedding when ``num_classes`` > 0] -> (C, H, W) images in [0, 1]."""
+
+    def __init__(self, latent_dim: int, shape: tuple[int, int, int], width: int = 64, num_classes: int = 0):
+        super().__init__()
+        c, h, w = shape
+        self.shape, self.latent_dim = tuple(shape), latent_dim
+        self.s, self.t = math.ceil(h / 4), math.ceil(w / 4)
+        self.width = width
+        self.embed = nn.Embedding(num_classes, latent_dim) if num_classes > 0 else None
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 2 * width * self.s * self.t),
+                                nn.BatchNorm1d(2 * width * self.s * self.t), nn.ReLU())
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, c, 4, 2, 1), nn.Sigmoid())
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = z * self.embed(y)  # conditioning by a class embedding (PLG-MI's generator is conditional)
+        x = self.fc(z).view(-1, 2 * self.width, self.s, self.t)
+        return self.net(x)[:, :, : self.shape[1], : self.shape[2]]
+
+
+class Critic(nn.Module):
+    """(C, H, W) images in [0, 1] -> ``outputs`` scores (1 for a WGAN critic, K+1 for KEDMI's
+    discriminator); with ``num_classes`` > 0 a projection term for class-conditional scores."""
+
+    def __init__(self, shape: tuple[int, int, int], width: int = 64, outputs: int = 1, num_classes: int = 0):
+        super().__init__()
+        c, h, w = shape
+        self.body = nn.Sequential(
+            nn.Conv2d(c, width, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten())
+        with torch.no_grad():
+            features = self.body(torch.zeros(1, c, h, w)).shape[1]
+        self.head = nn.Linear(features, outputs)
+        self.project = nn.Embedding(num_classes, features) if num_classes > 0 else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        f = self.body(x)
+        out = self.head(f)
+        if self.project is not None:
+            out = out + (self.project(y) * f).sum(1, keepdim=True)
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP's penalty: (||∇ D(x̂)||₂ − 1)² at random interpolates x̂ of real and fake images."""
+    eps = torch.rand(len(real), 1, 1, 1, generator=generator).to(real.device)
+    x = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    out = critic(x)
+    grad, = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def train_wgan_gp(generator: Generator, critic: Critic, real: torch.Tensor, *, steps: int, batch_size: int = 64,
+                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), critic_steps: int = 5,
+                  penalty: float = 10.0, seed: int = 0,
+                  progress: Callable[[int, float, float], None] | None = None) -> dict:
+    """Train ``generator`` and ``critic`` as a WGAN-GP on ``real`` ([0, 1] images) for ``steps``
+    generator steps (each after ``critic_steps`` critic steps); returns the last losses."""
+    gen = torch.Generator().manual_seed(seed)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(critic.parameters(), lr=lr, betas=betas)
+    generator.train()
+    critic.train()
+    n = len(real)
+    loss_d = loss_g = torch.tensor(float("nan"))
+    for step in range(steps):
+        for _ in range(critic_steps):
+            xr = real[torch.randint(n, (min(batch_size, n),), generator=gen)]
+            z = torch.randn(len(xr), generator.latent_dim, generator=gen)
+            with torch.no_grad():
+                xf = generator(z)
+            loss_d = critic(xf).mean() - critic(xr).mean() + penalty * gradient_penalty(critic, xr, xf, gen)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        z = torch.randn(min(batch_size, n), generator.latent_dim, generator=gen)
+        loss_g = -critic(generator(z)).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        if progress is not None and ((step + 1) % max(1, steps // 10) == 0 or step + 1 == steps):
+            progress(step + 1, float(loss_d.detach()), float(loss_g.detach()))
+    generator.eval()
+    critic.eval()
+    return {"critic_loss": float(loss_d.detach()), "generator_loss": float(loss_g.detach())}
+
+
+def class_batches(classes: tuple[int, ...], per_class: int, restarts: int) -> torch.Tensor:
+    """The target label of every latent optimised at once: each class × per_class images × restarts."""
+    return torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class * restarts)
+
+
+def best_of_restarts(images: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor, per_class: int,
+                     restarts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of each image's ``restarts`` candidates (laid out by ``class_batches``: restarts vary fastest), the
+    one of lowest loss; ``per_class`` images of each class remain, in class order."""
+    grouped = losses.detach().view(-1, restarts)
+    pick = grouped.argmin(1) + torch.arange(len(grouped)) * restarts
+    assert len(pick) % per_class == 0
+    return images[pick], labels[pick]

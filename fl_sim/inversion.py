@@ -1,0 +1,136 @@
+"""Model inversion of the trained model (``attack=mi_face|gmi|deepinversion``, ``attack.on=final``).
+
+Threat model: after training, anyone holding the final global model — the server, any client, a user
+of the deployed model — inverts it, white-box, to reconstruct representatives of its private classes.
+The attacker has auxiliary public data of its own: by default (``attack.auxiliary=disjoint_classes``,
+the GMI/KEDMI/BiDO MNIST protocol) the dataset's classes are divided, the clients train on the private
+ones (the lower half, or ``attack.private_classes``) and the attacker holds the training examples of the
+public ones, which share no class with them; with ``attack.auxiliary=split`` it holds
+``attack.auxiliary_fraction`` of the clients' own classes instead.
+
+The attack runs in the server's process once the last round is done. A GAN prior (``gmi``) is trained
+on the auxiliary data once and cached (``fl_sim.cache``). The evaluator then scores the reconstructions
+with the evaluation classifier (``fl_sim.evaluation_classifier``), which no attack sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from attacks.base import Knowledge, ModelObservation
+from fl_sim import cache
+from fl_sim.attacking import attack_from_config
+from fl_sim.config import ConfigError
+from fl_sim.data import FederatedData
+from fl_sim.evaluation_classifier import evaluation_classifier
+from fl_sim.evaluator import evaluate_model_inversion
+from fl_sim.validation import MODEL_ATTACKS
+from fl_sim.workspace import Workspace, initial_model
+
+log = logging.getLogger("fl_sim")
+
+ATTACKER = "anyone holding the final global model (the server, any client, a user of the deployed model)"
+
+
+def is_model_inversion(cfg: DictConfig) -> bool:
+    return cfg.attack.name in MODEL_ATTACKS
+
+
+def target_classes(cfg: DictConfig, data: FederatedData) -> tuple[int, ...]:
+    """The model's classes to reconstruct (``attack.target_classes`` names the dataset's labels); a
+    ConfigError names any that the clients do not hold."""
+    labels = data.dataset_labels
+    wanted = list(cfg.attack.target_classes) or list(labels)
+    bad = [c for c in wanted if c not in labels]
+    if bad:
+        raise ConfigError(f"attack.target_classes={list(cfg.attack.target_classes)}: {bad} are not private classes "
+                          f"(the clients hold {list(labels)}; the others are the attacker's public data)")
+    return tuple(labels.index(c) for c in wanted)
+
+
+def division(cfg: DictConfig, data: FederatedData) -> dict:
+    """The private/public division for ``summary.json`` (``data.division``)."""
+    a = cfg.attack
+    aux = 0 if data.x_aux is None else int(len(data.x_aux))
+    if a.auxiliary == "disjoint_classes":
+        public = sorted(set(int(c) for c in data.y_aux.tolist())) if data.y_aux is not None else []
+        return {"auxiliary": "disjoint_classes", "private_classes": list(data.dataset_labels),
+                "public_classes": public, "auxiliary_examples": aux}
+    return {"auxiliary": "split", "private_classes": list(data.dataset_labels), "public_classes": [],
+            "auxiliary_fraction": float(a.auxiliary_fraction), "auxiliary_examples": aux}
+
+
+def knowledge(cfg: DictConfig, ws: Workspace) -> Knowledge:
+    """What the attacker holds: the architecture, the input normalisation, its own auxiliary data."""
+    data = ws.data
+    aux = None if data.x_aux is None else torch.from_numpy(data.x_aux)
+    return Knowledge(model=initial_model(cfg, data), input_shape=data.input_shape, num_classes=data.num_classes,
+                     mean=tuple(data.mean.tolist()), std=tuple(data.std.tolist()), auxiliary_inputs=aux,
+                     target_classes=target_classes(cfg, data), device=str(ws.device))
+
+
+def prepare_prior(attack, know: Knowledge, state: dict[str, torch.Tensor], cfg: DictConfig) -> dict:
+    """Train the attack's generative prior on the auxiliary data, or load it from the cache; its record."""
+    if not hasattr(attack, "fit_prior"):
+        return {"prior": None, "seconds": 0.0, "cached": False}
+    parts = [attack.name, attack.prior_key(), know.input_shape, know.auxiliary_inputs]
+    if attack.prior_uses_target:
+        parts.append(state)
+    key = cache.fingerprint(*parts)
+    kind = f"{attack.name}-prior"
+    saved = cache.load(kind, key, cfg.cache_dir)
+    if saved is not None:
+        attack.load_prior_state_dict(saved["prior"], know)
+        log.info("%s: GAN prior loaded from the cache (%s)", attack.name, cache.cache_root(cfg.cache_dir) / kind)
+        return {"prior": kind, "key": key, "seconds": float(saved["seconds"]), "cached": True}
+    log.info("%s: training the GAN prior on %d auxiliary images (%d generator steps)", attack.name,
+             len(know.auxiliary_inputs), attack.gan_steps)
+    t0 = time.perf_counter()
+    losses = attack.fit_prior(know, progress=lambda step, d, g: log.info(
+        "  %s prior: step %d/%d, critic loss %.4f, generator loss %.4f", attack.name, step, attack.gan_steps, d, g))
+    seconds = time.perf_counter() - t0
+    path = cache.save(kind, key, {"prior": attack.prior_state_dict(), "seconds": seconds}, cfg.cache_dir)
+    log.info("%s: GAN prior trained in %.1f s, cached in %s", attack.name, seconds, path)
+    return {"prior": kind, "key": key, "seconds": seconds, "cached": False, **losses}
+
+
+def attack_final_model(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Tensor], recorder) -> None:
+    """Invert the final global model ``state``; the evaluator scores it; the recorder keeps the entry,
+    the division, the target and the evaluation classifier, and the time of each part."""
+    data = ws.data
+    attack = attack_from_config(cfg.attack)
+    know = knowledge(cfg, ws)
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    prior = prepare_prior(attack, know, state, cfg)
+    log.info("%s: inverting the final global model (classes %s, %d images each)", attack.name,
+             [data.dataset_labels[c] for c in know.target_classes], cfg.attack.per_class)
+    t0 = time.perf_counter()
+    rec = attack.reconstruct(ModelObservation(state), know, progress=lambda it, loss: log.info(
+        "  %s: iteration %d, loss %.4f", attack.name, it, loss))
+    attack_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    judge = evaluation_classifier(data, int(cfg.seed), cfg.cache_dir)
+    judge_seconds = time.perf_counter() - t1
+    entry = evaluate_model_inversion(rec, data, judge, attack_name=attack.name, server_round=int(cfg.num_rounds),
+                                     seconds=attack_seconds, run_dir=recorder.run_dir)
+    entry["prior_seconds"], entry["prior_cached"] = prior["seconds"], prior["cached"]
+    recorder.attack(entry)
+    last = recorder.rounds[-1] if recorder.rounds else {}
+    recorder.model_inversion = {
+        "attacker": ATTACKER, "on": str(cfg.attack.on), "division": division(cfg, data),
+        "target": {"model": cfg.model.name, "classes": list(data.dataset_labels),
+                   "test_accuracy": last.get("test_accuracy")},
+        "evaluation_classifier": judge.summary(), "prior": prior,
+        "notes": ["attack accuracy: top-1 under the evaluation classifier over every class of the dataset",
+                  "knn_distance: squared L2 in the evaluation classifier's 128-d penultimate features, to the "
+                  "nearest private training image of the target class, averaged",
+                  "feature_fid: Fréchet distance in the evaluation classifier's features (not Inception FID: "
+                  "no Inception weights can be loaded here)"],
+    }
+    recorder.extra_timing.update({"prior_training_seconds": 0.0 if prior["cached"] else prior["seconds"],
+                                  "model_inversion_seconds": attack_seconds,
+                                  "evaluation_classifier_seconds": judge_seconds})

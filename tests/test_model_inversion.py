@@ -1,0 +1,250 @@
+"""Model inversion of a trained model: the attacks on small real targets (sklearn's 8x8 digits, private
+classes 0-4, public 5-9), the class division, the evaluator's protocol, the cache, and that nothing an
+attack receives holds private data."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attacks import Knowledge, ModelObservation, make_attack
+from attacks.base import Reconstruction
+from fl_sim.models import build_model
+from fl_sim.training import evaluate, local_train
+
+
+@pytest.fixture(scope="module")
+def setting(digits):
+    """A 5-class target trained on classes 0-4, the attacker's public classes 5-9, and a judge trained on
+    all ten classes (an MLP: another architecture than the targets)."""
+    x, y = digits
+    mean, std = float(x.mean()), float(x.std())
+    xn = (x - mean) / std
+    private = y < 5
+    xp, yp, xa = xn[private], y[private], xn[~private]
+    perm = torch.randperm(len(yp), generator=torch.Generator().manual_seed(0))
+    train, test = perm[: int(0.8 * len(perm))], perm[int(0.8 * len(perm)):]
+    torch.manual_seed(0)
+    target = build_model("cnn", (1, 8, 8), 5, hidden=(64,))
+    local_train(target, xp[train], yp[train], epochs=25, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    judge = build_model("mlp", (1, 8, 8), 10, hidden=(128,))
+    local_train(judge, xn, y, epochs=30, batch_size=32, lr=0.1, generator=torch.Generator().manual_seed(1))
+    know = Knowledge(model=target, input_shape=(1, 8, 8), num_classes=5, mean=(mean,), std=(std,),
+                     auxiliary_inputs=xa)
+    return {"target": target, "know": know, "judge": judge, "mean": mean, "std": std,
+            "accuracy": evaluate(target, xp[test], yp[test])[1]}
+
+
+def judge_accuracy(s, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((s["judge"]((images - s["mean"]) / s["std"]).argmax(1) == labels).float().mean())
+
+
+def observe(model: nn.Module) -> ModelObservation:
+    return ModelObservation({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def test_the_tiny_target_learns_its_five_private_classes(setting):
+    assert setting["accuracy"] > 0.95
+
+
+def test_mi_face_reconstructions_beat_random_images_under_the_judge(setting):
+    rec = make_attack("mi_face", iterations=300, per_class=4).reconstruct(observe(setting["target"]), setting["know"])
+    assert rec.inputs.shape == (20, 1, 8, 8) and rec.labels.tolist() == [c for c in range(5) for _ in range(4)]
+    assert 0 <= rec.inputs.min() and rec.inputs.max() <= 1
+    noise = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, noise, rec.labels) + 0.3
+
+
+def test_gmi_with_its_gan_prior_beats_random_latents_of_the_same_generator(setting):
+    gmi = make_attack("gmi", iterations=200, restarts=2, per_class=4, width=16, gan_steps=150, gan_batch_size=32)
+    losses = gmi.fit_prior(setting["know"])
+    assert np.isfinite(losses["critic_loss"]) and np.isfinite(losses["generator_loss"])
+    rec = gmi.reconstruct(observe(setting["target"]), setting["know"])
+    assert rec.inputs.shape == (20, 1, 8, 8)
+    with torch.no_grad():
+        random_images = gmi.generator(torch.randn(20, gmi.latent_dim, generator=torch.Generator().manual_seed(3)))
+    assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
+
+
+def test_deepinversion_needs_batchnorm_and_beats_noise_on_a_batchnorm_target(setting, digits):
+    with pytest.raises(ValueError, match="BatchNorm"):
+        make_attack("deepinversion", iterations=2).reconstruct(observe(setting["target"]), setting["know"])
+    x, y = digits
+    xn = (x - setting["mean"]) / setting["std"]
+    torch.manual_seed(0)
+    bn_target = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(16 * 64, 5))
+    local_train(bn_target, xn[y < 5], y[y < 5], epochs=10, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    know = Knowledge(model=bn_target, input_shape=(1, 8, 8), num_classes=5, mean=(setting["mean"],),
+                     std=(setting["std"],))
+    rec = make_attack("deepinversion", iterations=300, per_class=4).reconstruct(observe(bn_target), know)
+    noise = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, noise, rec.labels) + 0.3
+
+
+def test_target_classes_limit_what_is_reconstructed(setting):
+    know = Knowledge(**{**setting["know"].__dict__, "target_classes": (1, 3)})
+    rec = make_attack("mi_face", iterations=20, per_class=2).reconstruct(observe(setting["target"]), know)
+    assert rec.labels.tolist() == [1, 1, 3, 3]
+
+
+# --------------------------------------------------------------------------- fl_sim: division, evaluator, cache
+
+def _cfg(compose, tmp_path, *extra):
+    cfg = compose(["dataset=digits", "model=cnn", "model.hidden=[64]", "num_clients=3", "num_rounds=1",
+                   "attack=gmi", "attack.gan_steps=20", "attack.gan_width=8", "attack.gan_batch_size=16",
+                   "attack.iterations=10", "attack.restarts=1", "attack.per_class=2", f"cache_dir={tmp_path / 'cache'}",
+                   *extra])
+    from fl_sim.validation import validate
+
+    validate(cfg)
+    return cfg
+
+
+def test_disjoint_classes_give_clients_the_private_classes_and_the_attacker_the_rest(compose, tmp_path):
+    from fl_sim.workspace import workspace
+
+    data = workspace(_cfg(compose, tmp_path, "attack.private_classes=[2,5,7]"), "server").data
+    assert data.num_classes == 3 and data.dataset_labels == (2, 5, 7)
+    assert set(np.unique(data.y_train)) == {0, 1, 2} and set(np.unique(data.y_test)) == {0, 1, 2}
+    assert set(np.unique(data.y_aux)) == {0, 1, 3, 4, 6, 8, 9}
+    assert set(np.unique(data.y_test_all)) == set(range(10))
+    rows = {r.tobytes() for r in data.x_train}
+    assert not any(r.tobytes() in rows for r in data.x_aux)  # the attacker holds none of the clients' images
+    default = workspace(_cfg(compose, tmp_path), "server").data
+    assert default.dataset_labels == (0, 1, 2, 3, 4) and set(np.unique(default.y_aux)) == {5, 6, 7, 8, 9}
+
+
+class FakeRecorder:
+    def __init__(self, run_dir):
+        self.run_dir, self.rounds, self.attacks, self.extra_timing = run_dir, [{"test_accuracy": 0.9}], [], {}
+        self.model_inversion = None
+
+    def attack(self, entry):
+        self.attacks.append(entry)
+
+
+def test_the_final_model_stage_scores_with_the_protocol_and_never_hands_private_data_to_the_attack(
+        compose, tmp_path, monkeypatch):
+    """A spy attack records what it is given: nothing of it is a private training image; the evaluator's
+    entry carries the protocol's fields, one picture per class; a second run loads the cached prior."""
+    import fl_sim.inversion as inversion
+    from fl_sim.workspace import initial_model, workspace
+
+    cfg = _cfg(compose, tmp_path)
+    ws = workspace(cfg, "server")
+    private_rows = {r.tobytes() for r in ws.data.x_train}
+    seen = []
+    real_make = inversion.attack_from_config
+
+    def spying(a):
+        attack = real_make(a)
+        real_reconstruct, real_fit = attack.reconstruct, attack.fit_prior
+
+        def reconstruct(observation, knowledge, progress=None):
+            seen.append(("reconstruct", observation, knowledge))
+            return real_reconstruct(observation, knowledge, progress)
+
+        def fit_prior(knowledge, target=None, progress=None):
+            seen.append(("fit_prior", None, knowledge))
+            return real_fit(knowledge, target, progress)
+
+        attack.reconstruct, attack.fit_prior = reconstruct, fit_prior
+        return attack
+
+    monkeypatch.setattr(inversion, "attack_from_config", spying)
+    state = initial_model(cfg, ws.data).state_dict()
+    rec1 = FakeRecorder(tmp_path)
+    inversion.attack_final_model(cfg, ws, state, rec1)
+    assert [s[0] for s in seen] == ["fit_prior", "reconstruct"]
+    for _, observation, knowledge in seen:
+        aux = knowledge.auxiliary_inputs.numpy()
+        assert not any(r.tobytes() in private_rows for r in aux)
+        assert knowledge.labels is None and knowledge.target_classes == (0, 1, 2, 3, 4)
+        if observation is not None:
+            assert set(observation.state) == set(state)  # the model's weights, nothing else
+    entry = rec1.attacks[0]
+    assert entry["observed"] == "model" and entry["target_classes"] == [0, 1, 2, 3, 4] and entry["batch_size"] == 10
+    for key in ("attack_accuracy", "attack_accuracy_top5", "knn_distance", "feature_fid", "nearest_psnr",
+                "nearest_ssim"):
+        assert np.isfinite(entry[key]), key
+    assert 0 <= entry["attack_accuracy"] <= entry["attack_accuracy_top5"] <= 1
+    assert len(entry["pictures"]) == 5 and all((tmp_path / p).stat().st_size > 1000 for p in entry["pictures"])
+    mi = rec1.model_inversion
+    assert mi["division"]["public_classes"] == [5, 6, 7, 8, 9] and mi["prior"]["cached"] is False
+    assert mi["evaluation_classifier"]["test_accuracy"] > 0.8 and mi["evaluation_classifier"]["classes"] == 10
+    assert rec1.extra_timing["prior_training_seconds"] > 0
+
+    seen.clear()
+    rec2 = FakeRecorder(tmp_path)
+    inversion.attack_final_model(cfg, ws, state, rec2)
+    assert [s[0] for s in seen] == ["reconstruct"]  # the prior came from the cache: no training
+    assert rec2.model_inversion["prior"]["cached"] is True and rec2.extra_timing["prior_training_seconds"] == 0
+    assert rec2.model_inversion["evaluation_classifier"]["cached"] is True
+    assert rec2.attacks[0]["attack_accuracy"] == entry["attack_accuracy"]  # same prior, same seed: same result
+
+
+def test_knn_distance_and_feature_fid_are_zero_for_the_private_images_themselves():
+    from fl_sim.metrics import frechet_distance, nearest
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(40, 6))
+    d2, idx = nearest(f[:10], f)
+    assert np.allclose(d2, 0) and idx.tolist() == list(range(10))
+    assert frechet_distance(f, f) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(f, f + 3.0) == pytest.approx(6 * 9.0, rel=1e-6)  # ||Δμ||² with equal covariances
+
+
+def test_a_reconstruction_that_looks_like_a_public_class_is_a_miss(compose, tmp_path):
+    """The judge knows every class: public images offered as reconstructions of private classes score ~0."""
+    from fl_sim.evaluation_classifier import evaluation_classifier
+    from fl_sim.evaluator import evaluate_model_inversion
+    from fl_sim.workspace import workspace
+
+    data = workspace(_cfg(compose, tmp_path), "server").data
+    judge = evaluation_classifier(data, 0, str(tmp_path / "cache"))
+    public = data.x_aux[:20] * data.std[None, :, None, None] + data.mean[None, :, None, None]
+    fake = Reconstruction(torch.from_numpy(np.clip(public, 0, 1)), torch.arange(5).repeat_interleave(4))
+    entry = evaluate_model_inversion(fake, data, judge, attack_name="copy_public", server_round=1, seconds=0.0,
+                                     run_dir=None)
+    assert entry["attack_accuracy"] <= 0.1
+    own = np.flatnonzero(data.y_train == 2)[:4]  # and private images of their own class score as hits
+    real = Reconstruction(torch.from_numpy(np.clip(data.x_train[own] * data.std[None, :, None, None]
+                                                   + data.mean[None, :, None, None], 0, 1)), torch.full((4,), 2))
+    entry = evaluate_model_inversion(real, data, judge, attack_name="copy_private", server_round=1, seconds=0.0,
+                                     run_dir=None)
+    assert entry["attack_accuracy"] == 1.0 and entry["knn_distance"] == pytest.approx(0, abs=1e-6)
+    assert entry["nearest_psnr"] == 100.0
+
+
+@pytest.mark.e2e
+def test_fl_sim_attack_gmi_inverts_the_final_global_model_of_a_federated_run(compose, tmp_path):
+    """The real simulation on Ray, then GMI on the final global model: summary.json, report and pictures."""
+    import json
+
+    from fl_sim.runner import run
+
+    cfg = compose(["dataset=digits", "model=cnn", "model.hidden=[64]", "num_clients=3", "num_rounds=2",
+                   "attack=gmi", "attack.gan_steps=30", "attack.gan_width=8", "attack.gan_batch_size=16",
+                   "attack.iterations=30", "attack.restarts=1", "attack.per_class=2", f"cache_dir={tmp_path / 'c'}"])
+    s = run(cfg, tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["status"] == "completed" and [r["round"] for r in s["rounds"]] == [1, 2]
+    assert s["data"]["division"] == {"auxiliary": "disjoint_classes", "private_classes": [0, 1, 2, 3, 4],
+                                     "public_classes": [5, 6, 7, 8, 9],
+                                     "auxiliary_examples": s["model_inversion"]["division"]["auxiliary_examples"]}
+    assert all(sum(c["labels"][5:]) == 0 for c in s["data"]["clients"] if len(c["labels"]) > 5) \
+        and all(len(c["labels"]) == 5 for c in s["data"]["clients"])  # clients hold private classes only
+    [entry] = s["attacks"]  # no attack on client updates: only the final model is attacked
+    assert entry["observed"] == "model" and entry["round"] == 2 and entry["attack"] == "gmi"
+    assert 0 <= entry["attack_accuracy"] <= 1 and entry["knn_distance"] >= 0
+    assert s["model"]["classes"] == [0, 1, 2, 3, 4]
+    assert s["model_inversion"]["target"]["test_accuracy"] == s["rounds"][-1]["test_accuracy"]
+    assert {"prior_training_seconds", "model_inversion_seconds", "evaluation_classifier_seconds"} <= set(s["timing"])
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "model inversion of the final model" in report and "inversion_gmi_class0.png" in report
+    assert all((tmp_path / "run" / p).stat().st_size > 1000 for p in entry["pictures"])
