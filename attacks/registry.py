@@ -11,7 +11,9 @@ from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
 from attacks.inverse_network import InverseNetwork
+from attacks.kedmi import KEDMI
 from attacks.mi_face import MIFace
+from attacks.plgmi import PLGMI
 from attacks.rmle import RMLE
 from attacks.unsplit import UnSplit
 
@@ -27,6 +29,8 @@ ATTACKS = {
     "fsha": FSHA,  # split learning, malicious server: hijacks the client's training (setup/hijack first)
     "mi_face": MIFace,  # model inversion of a trained model (observed: model)
     "gmi": GMI,  # model inversion with a GAN prior trained on auxiliary data (fit_prior first)
+    "kedmi": KEDMI,  # model inversion: a GAN that knows the target's soft labels, a latent distribution per class
+    "plgmi": PLGMI,  # model inversion: a conditional GAN on pseudo-labelled public data, max-margin search
     "deepinversion": DeepInversion,  # model inversion from the BatchNorm statistics (data-free)
 }
 

@@ -106,6 +106,9 @@ class AttackConfig:
     lam: float = 100.0  # gmi: weight of the identity loss against the prior
     patience: int = 100  # mi_face: stop after this many iterations without improvement
     bn_weight: float = 10.0  # deepinversion: weight of the BatchNorm statistics term
+    samples: int = 8  # kedmi: latents drawn per class and iteration from the learned distribution
+    top_k: int = 30  # plgmi: public images pseudo-labelled per class
+    alpha: float = 0.2  # plgmi: weight of the max-margin term in the conditional GAN's generator loss
     latent_dim: int = 100  # GAN prior: latent size
     gan_width: int = 64  # GAN prior: base width of generator and critic
     gan_steps: int = 2000  # GAN prior: generator steps (each after critic_steps critic steps)

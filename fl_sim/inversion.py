@@ -1,4 +1,4 @@
-"""Model inversion of the trained model (``attack=mi_face|gmi|deepinversion``, ``attack.on=final``).
+"""Model inversion of the trained model (``attack=mi_face|gmi|kedmi|plgmi|deepinversion``, ``attack.on=final``).
 
 Threat model: after training, anyone holding the final global model — the server, any client, a user
 of the deployed model — inverts it, white-box, to reconstruct representatives of its private classes.
@@ -9,7 +9,7 @@ public ones, which share no class with them; with ``attack.auxiliary=split`` it 
 ``attack.auxiliary_fraction`` of the clients' own classes instead.
 
 The attack runs in the server's process once the last round is done. A GAN prior (``gmi``) is trained
-on the auxiliary data once and cached (``fl_sim.cache``). The evaluator then scores the reconstructions
+on the auxiliary data once (``kedmi``, ``plgmi``: per target model) and cached (``fl_sim.cache``). The evaluator then scores the reconstructions
 with the evaluation classifier (``fl_sim.evaluation_classifier``), which no attack sees.
 """
 
@@ -90,7 +90,8 @@ def prepare_prior(attack, know: Knowledge, state: dict[str, torch.Tensor], cfg: 
     log.info("%s: training the GAN prior on %d auxiliary images (%d generator steps)", attack.name,
              len(know.auxiliary_inputs), attack.gan_steps)
     t0 = time.perf_counter()
-    losses = attack.fit_prior(know, progress=lambda step, d, g: log.info(
+    target = know.model_at(state).eval() if attack.prior_uses_target else None
+    losses = attack.fit_prior(know, target, progress=lambda step, d, g: log.info(
         "  %s prior: step %d/%d, critic loss %.4f, generator loss %.4f", attack.name, step, attack.gan_steps, d, g))
     seconds = time.perf_counter() - t0
     path = cache.save(kind, key, {"prior": attack.prior_state_dict(), "seconds": seconds}, cfg.cache_dir)

@@ -21,10 +21,11 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum")
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint",
-           "rmle", "inverse_network", "unsplit", "fsha", "label_leakage", "mi_face", "gmi", "deepinversion")
+           "rmle", "inverse_network", "unsplit", "fsha", "label_leakage", "mi_face", "gmi", "kedmi", "plgmi",
+           "deepinversion")
 SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha", "label_leakage")  # activations / cut gradients
-MODEL_ATTACKS = ("mi_face", "gmi", "deepinversion")  # model inversion of the trained model (observed: model)
-GAN_ATTACKS = ("gmi",)  # model inversion with a GAN prior trained on the auxiliary data
+MODEL_ATTACKS = ("mi_face", "gmi", "kedmi", "plgmi", "deepinversion")  # model inversion of the trained model (observed: model)
+GAN_ATTACKS = ("gmi", "kedmi", "plgmi")  # model inversion with a GAN prior trained on the auxiliary data
 UPDATE_ATTACKS = ("dlg", "idlg", "inverting_gradients", "analytic", "imprint")  # a client's update, or the aggregate
 SCENARIOS = ("federated", "split")
 SPLIT_MODES = ("vanilla", "splitfed")
@@ -225,6 +226,8 @@ def validate_model_inversion(cfg: Any) -> None:
         _need(a.gan_width >= 2, f"attack.gan_width must be at least 2 (got {a.gan_width})")
         _need(a.gan_lr > 0, f"attack.gan_lr must be > 0 (got {a.gan_lr})")
         _need(a.lam >= 0 and a.momentum >= 0, f"attack.lam and attack.momentum must be >= 0 (got {a.lam}, {a.momentum})")
+        _need(a.samples >= 1 and a.top_k >= 1, f"attack.samples and attack.top_k must be at least 1 (got {a.samples}, "
+                                               f"{a.top_k})")
     if a.name == "deepinversion":
         _need(cfg.model.name in ("convnet", "resnet18") and not cfg.defense.dpsgd,
               f"attack=deepinversion matches the statistics stored in BatchNorm layers: model={cfg.model.name}"

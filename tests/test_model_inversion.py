@@ -68,6 +68,23 @@ def test_gmi_with_its_gan_prior_beats_random_latents_of_the_same_generator(setti
     assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("kedmi", dict(iterations=200, per_class=4, width=16, gan_steps=300, gan_batch_size=32)),
+    ("plgmi", dict(iterations=150, restarts=2, per_class=4, width=16, gan_steps=100, gan_batch_size=32, critic_steps=2)),
+])
+def test_target_aware_gan_attacks_beat_random_latents_of_their_generator(setting, name, kwargs):
+    """KEDMI's and PLG-MI's priors are trained with the target (soft labels, pseudo-labels): they take it."""
+    attack = make_attack(name, **kwargs)
+    assert attack.prior_uses_target
+    attack.fit_prior(setting["know"], setting["target"])
+    rec = attack.reconstruct(observe(setting["target"]), setting["know"])
+    assert rec.inputs.shape == (20, 1, 8, 8) and rec.labels.tolist() == [c for c in range(5) for _ in range(4)]
+    z = torch.randn(20, attack.latent_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        random_images = attack.generator(z, rec.labels) if name == "plgmi" else attack.generator(z)
+    assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
+
+
 def test_deepinversion_needs_batchnorm_and_beats_noise_on_a_batchnorm_target(setting, digits):
     with pytest.raises(ValueError, match="BatchNorm"):
         make_attack("deepinversion", iterations=2).reconstruct(observe(setting["target"]), setting["know"])
