@@ -47,19 +47,22 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """(C, H, W) images in [0, 1] -> ``outputs`` scores (1 for a WGAN critic, K+1 for KEDMI's
-    discriminator); with ``num_classes`` > 0 a projection term for class-conditional scores."""
+    """(C, H, W) images in [0, 1] -> ``outputs`` scores (1 for a WGAN critic, K for KEDMI's
+    discriminator); with ``num_classes`` > 0 a projection term for class-conditional scores (Miyato &
+    Koyama 2018); ``spectral``: spectral normalisation of every layer (SNGAN, Miyato et al. 2018)."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int = 64, outputs: int = 1, num_classes: int = 0):
+    def __init__(self, shape: tuple[int, int, int], width: int = 64, outputs: int = 1, num_classes: int = 0,
+                 spectral: bool = False):
         super().__init__()
         c, h, w = shape
+        sn = nn.utils.parametrizations.spectral_norm if spectral else (lambda m: m)  # SNGAN's normalisation
         self.body = nn.Sequential(
-            nn.Conv2d(c, width, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten())
+            sn(nn.Conv2d(c, width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2), nn.Flatten())
         with torch.no_grad():
             features = self.body(torch.zeros(1, c, h, w)).shape[1]
-        self.head = nn.Linear(features, outputs)
-        self.project = nn.Embedding(num_classes, features) if num_classes > 0 else None
+        self.head = sn(nn.Linear(features, outputs))
+        self.project = sn(nn.Embedding(num_classes, features)) if num_classes > 0 else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

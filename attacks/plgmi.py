@@ -9,7 +9,8 @@ Model Inversion Attack via Conditional Generative Adversarial Network" (AAAI 202
    projection discriminator D(x, y), hinge loss; the generator's loss adds α = 0.2 times the
    max-margin loss of the target on augmented generated images, so that G(z, y) is steered into the
    target's class y while staying realistic. Adam lr 2e-4, betas (0, 0.9), ``critic_steps`` (5)
-   discriminator steps per generator step, as SNGAN, on which the authors build (spectral norm left out).
+   discriminator steps per generator step, spectral normalisation in the discriminator, as SNGAN, on
+   which the authors build.
 3. **Latent search** (``reconstruct``): for class y, z minimising the max-margin loss
    −l_y + max_{j≠y} l_j of the target on augmented G(z, y) (random shifts; flips for colour images),
    Adam lr 0.1, 600 iterations; of ``restarts`` starts the one with the lowest loss on the plain image
@@ -79,7 +80,7 @@ class PLGMI:
         torch.manual_seed(self.seed)
         k = knowledge.num_classes
         self.generator = Generator(self.latent_dim, knowledge.input_shape, self.width, num_classes=k)
-        self.discriminator = Critic(knowledge.input_shape, self.width, num_classes=k)
+        self.discriminator = Critic(knowledge.input_shape, self.width, num_classes=k, spectral=True)
 
     def pseudo_labels(self, knowledge: Knowledge, target: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``top_k`` public images per class by the target's confidence, with that class as label."""

@@ -222,6 +222,7 @@ class Config:
     verbose: bool = False
     report: bool = True
     checkpoint: bool = True  # write checkpoint.pt after every round (removed when the run completes)
+    save_model: bool = False  # write the final global model to final_model.pt (a weights-only state dict)
     cache_dir: Optional[str] = None  # trained GAN priors and evaluation classifiers ($FL_SIM_CACHE or ~/.cache/fl_sim)
 
 

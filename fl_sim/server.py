@@ -61,6 +61,8 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
         final = server_main_secagg(cfg, grid, context, recorder, resume_from)
     else:
         final = server_main_federated(cfg, grid, recorder, resume_from)
+    if cfg.save_model:  # the model as deployed: what a model-inversion attacker would hold
+        torch.save({k: v.detach().cpu() for k, v in final.items()}, recorder.run_dir / "final_model.pt")
     if is_model_inversion(cfg):
         attack_final_model(cfg, workspace(cfg, "server"), final, recorder)
 

@@ -122,6 +122,8 @@ def validate(cfg: Any) -> None:
               "not covered: unset scenario.head_layer or drop dpsgd")
         _need(cfg.strategy.name == "fedavg", f"scenario=split averages client models with FedAvg (splitfed); "
                                              f"use strategy=fedavg (got strategy={cfg.strategy.name})")
+        _need(not cfg.save_model, "save_model=true writes the final global model of a federated run; a split run "
+                                  "has none (set save_model=false)")
     else:
         _need(not cfg.scenario.head_layer, "scenario.head_layer is for scenario=split (the label-private U-shape)")
         _need(cfg.attack.name not in SPLIT_ATTACKS,

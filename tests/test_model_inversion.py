@@ -247,8 +247,17 @@ def test_fl_sim_attack_gmi_inverts_the_final_global_model_of_a_federated_run(com
 
     cfg = compose(["dataset=digits", "model=cnn", "model.hidden=[64]", "num_clients=3", "num_rounds=2",
                    "attack=gmi", "attack.gan_steps=30", "attack.gan_width=8", "attack.gan_batch_size=16",
-                   "attack.iterations=30", "attack.restarts=1", "attack.per_class=2", f"cache_dir={tmp_path / 'c'}"])
+                   "attack.iterations=30", "attack.restarts=1", "attack.per_class=2", f"cache_dir={tmp_path / 'c'}",
+                   "save_model=true"])
     s = run(cfg, tmp_path / "run")
+    from fl_sim.training import evaluate
+    from fl_sim.workspace import initial_model, workspace
+
+    ws = workspace(cfg, "server")  # final_model.pt is the final global model: its accuracy is the last round's
+    model = initial_model(cfg, ws.data)
+    model.load_state_dict(torch.load(tmp_path / "run" / "final_model.pt", weights_only=True))
+    x_test, y_test = ws.test_tensors()
+    assert evaluate(model, x_test.cpu(), y_test.cpu())[1] == s["rounds"][-1]["test_accuracy"]
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["status"] == "completed" and [r["round"] for r in s["rounds"]] == [1, 2]
     assert s["data"]["division"] == {"auxiliary": "disjoint_classes", "private_classes": [0, 1, 2, 3, 4],
