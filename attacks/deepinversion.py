@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
+from attacks.generative import frozen_target
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -45,12 +46,10 @@ class DeepInversion:
 
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        target = knowledge.model_at(observation.state).eval()
+        target = frozen_target(knowledge, observation.state)
         if not has_batchnorm(target):
             raise ValueError("deepinversion matches the statistics stored in BatchNorm layers, and this model has "
                              "none; use a model with BatchNorm (e.g. convnet, resnet18) or another attack")
-        for p in target.parameters():
-            p.requires_grad_(False)
         stats: list[torch.Tensor] = []
 
         def match(module: nn.modules.batchnorm._BatchNorm, inputs, _output) -> None:

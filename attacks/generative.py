@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from attacks.base import Knowledge
+
 
 def to_model(x01: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """[0, 1] images -> the target model's normalised input space."""
@@ -73,6 +75,45 @@ class Critic(nn.Module):
         if self.project is not None:
             out = out + (self.project(y) * f).sum(1, keepdim=True)
         return out.squeeze(1) if out.shape[1] == 1 else out
+
+
+def frozen_target(knowledge: Knowledge, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The attacked model holding ``state``, in eval mode, its weights out of the graph's gradients."""
+    target = knowledge.model_at(state).eval()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+class GANPrior:
+    """What the GAN-based attacks (gmi, kedmi, plgmi) share about their prior: its networks'
+    state for the cache, and the networks frozen for the latent search. The attack builds them in
+    ``_networks(knowledge)`` and trains them in ``fit_prior``."""
+
+    generator: Generator | None
+    discriminator: Critic | None
+
+    def _networks(self, knowledge: Knowledge) -> None:
+        raise NotImplementedError
+
+    def prior_state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
+
+    def load_prior_state_dict(self, state: dict, knowledge: Knowledge) -> None:
+        self._networks(knowledge)
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.generator.eval()
+        self.discriminator.eval()
+
+    def frozen_prior(self, knowledge: Knowledge) -> tuple[Generator, Critic]:
+        if self.generator is None:
+            raise RuntimeError(f"{getattr(self, 'name', 'attack')}: train or load its prior first "
+                               "(fit_prior / load_prior_state_dict)")
+        g, d = self.generator.to(knowledge.device).eval(), self.discriminator.to(knowledge.device).eval()
+        for p in [*g.parameters(), *d.parameters()]:
+            p.requires_grad_(False)
+        return g, d
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,

@@ -29,13 +29,14 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, Generator, best_of_restarts, class_batches, to_model, train_wgan_gp
+from attacks.generative import (Critic, GANPrior, Generator, best_of_restarts, class_batches, frozen_target, to_model,
+                                 train_wgan_gp)
 
 REFERENCE_BATCH = 64  # latents per batch in the authors' attack code: the losses are means over it
 
 
 @dataclass
-class GMI:
+class GMI(GANPrior):
     iterations: int = 1500
     lr: float = 0.02
     momentum: float = 0.9
@@ -53,7 +54,7 @@ class GMI:
     seed: int = 0
     name: str = field(default="gmi", init=False)
     generator: Generator | None = field(default=None, init=False, repr=False)
-    critic: Critic | None = field(default=None, init=False, repr=False)
+    discriminator: Critic | None = field(default=None, init=False, repr=False)  # the WGAN critic
 
     # ------------------------------------------------------------------ the prior
     prior_uses_target = False  # the GAN sees the auxiliary data only
@@ -67,7 +68,7 @@ class GMI:
     def _networks(self, knowledge: Knowledge) -> None:
         torch.manual_seed(self.seed)
         self.generator = Generator(self.latent_dim, knowledge.input_shape, self.width)
-        self.critic = Critic(knowledge.input_shape, self.width)
+        self.discriminator = Critic(knowledge.input_shape, self.width)
 
     def fit_prior(self, knowledge: Knowledge, target: torch.nn.Module | None = None,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
@@ -77,32 +78,16 @@ class GMI:
         mean, std, _, _ = knowledge.bounds()
         real = (knowledge.auxiliary_inputs.to(mean.device) * std + mean).clamp(0, 1).cpu()
         self._networks(knowledge)
-        return train_wgan_gp(self.generator, self.critic, real, steps=self.gan_steps, batch_size=self.gan_batch_size,
+        return train_wgan_gp(self.generator, self.discriminator, real, steps=self.gan_steps, batch_size=self.gan_batch_size,
                              lr=self.gan_lr, critic_steps=self.critic_steps, penalty=self.gradient_penalty,
                              seed=self.seed, progress=progress)
-
-    def prior_state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict()}
-
-    def load_prior_state_dict(self, state: dict, knowledge: Knowledge) -> None:
-        self._networks(knowledge)
-        self.generator.load_state_dict(state["generator"])
-        self.critic.load_state_dict(state["critic"])
-        self.generator.eval()
-        self.critic.eval()
 
     # ------------------------------------------------------------------ the inversion
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        if self.generator is None:
-            raise RuntimeError("gmi: train or load its prior first (fit_prior / load_prior_state_dict)")
-        target = knowledge.model_at(observation.state).eval()
-        for p in target.parameters():
-            p.requires_grad_(False)
+        g, d = self.frozen_prior(knowledge)
+        target = frozen_target(knowledge, observation.state)
         mean, std, _, _ = knowledge.bounds()
-        g, d = self.generator.to(knowledge.device).eval(), self.critic.to(knowledge.device).eval()
-        for p in list(g.parameters()) + list(d.parameters()):
-            p.requires_grad_(False)
         classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
         y = class_batches(classes, self.per_class, self.restarts).to(knowledge.device)
         gen = torch.Generator().manual_seed(self.seed + 1)

@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, Generator, to_model
+from attacks.generative import Critic, GANPrior, Generator, frozen_target, to_model
 
 
 def _real_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _real_logit(logits: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class KEDMI:
+class KEDMI(GANPrior):
     iterations: int = 1500
     lr: float = 0.02
     lam: float = 100.0
@@ -111,24 +111,10 @@ class KEDMI:
         d.eval()
         return {"discriminator_loss": float(loss_d.detach()), "generator_loss": float(loss_g.detach())}
 
-    def prior_state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
-
-    def load_prior_state_dict(self, state: dict, knowledge: Knowledge) -> None:
-        self._networks(knowledge)
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.generator.eval()
-        self.discriminator.eval()
-
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        if self.generator is None:
-            raise RuntimeError("kedmi: train or load its prior first (fit_prior / load_prior_state_dict)")
-        target = knowledge.model_at(observation.state).eval()
-        g, d = self.generator.to(knowledge.device).eval(), self.discriminator.to(knowledge.device).eval()
-        for p in [*target.parameters(), *g.parameters(), *d.parameters()]:
-            p.requires_grad_(False)
+        g, d = self.frozen_prior(knowledge)
+        target = frozen_target(knowledge, observation.state)
         mean, std, _, _ = knowledge.bounds()
         classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
         k = len(classes)

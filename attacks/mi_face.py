@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import to_model
+from attacks.generative import frozen_target, to_model
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -42,9 +42,7 @@ class MIFace:
 
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        target = knowledge.model_at(observation.state).eval()
-        for p in target.parameters():
-            p.requires_grad_(False)
+        target = frozen_target(knowledge, observation.state)
         mean, std, _, _ = knowledge.bounds()
         classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
         y = torch.tensor(classes, dtype=torch.long).repeat_interleave(self.per_class).to(knowledge.device)

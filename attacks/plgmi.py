@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, Generator, best_of_restarts, class_batches, to_model
+from attacks.generative import Critic, GANPrior, Generator, best_of_restarts, class_batches, frozen_target, to_model
 
 
 def max_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @dataclass
-class PLGMI:
+class PLGMI(GANPrior):
     iterations: int = 600
     lr: float = 0.1
     restarts: int = 5
@@ -129,24 +129,10 @@ class PLGMI:
         d.eval()
         return {"discriminator_loss": float(loss_d.detach()), "generator_loss": float(loss_g.detach())}
 
-    def prior_state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
-
-    def load_prior_state_dict(self, state: dict, knowledge: Knowledge) -> None:
-        self._networks(knowledge)
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.generator.eval()
-        self.discriminator.eval()
-
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        if self.generator is None:
-            raise RuntimeError("plgmi: train or load its prior first (fit_prior / load_prior_state_dict)")
-        target = knowledge.model_at(observation.state).eval()
-        g = self.generator.to(knowledge.device).eval()
-        for p in [*target.parameters(), *g.parameters()]:
-            p.requires_grad_(False)
+        g, _ = self.frozen_prior(knowledge)
+        target = frozen_target(knowledge, observation.state)
         mean, std, _, _ = knowledge.bounds()
         classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
         y = class_batches(classes, self.per_class, self.restarts).to(knowledge.device)

@@ -84,7 +84,12 @@ def prepare_prior(attack, know: Knowledge, state: dict[str, torch.Tensor], cfg: 
     kind = f"{attack.name}-prior"
     saved = cache.load(kind, key, cfg.cache_dir)
     if saved is not None:
-        attack.load_prior_state_dict(saved["prior"], know)
+        try:
+            attack.load_prior_state_dict(saved["prior"], know)
+        except (KeyError, RuntimeError) as e:  # an entry of another layout: trained anew, written over
+            log.warning("%s: cached prior does not fit (%s): training it anew", attack.name, type(e).__name__)
+            saved = None
+    if saved is not None:
         log.info("%s: GAN prior loaded from the cache (%s)", attack.name, cache.cache_root(cfg.cache_dir) / kind)
         return {"prior": kind, "key": key, "seconds": float(saved["seconds"]), "cached": True}
     log.info("%s: training the GAN prior on %d auxiliary images (%d generator steps)", attack.name,
