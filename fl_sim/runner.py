@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from fl_sim import checkpoint
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
-from fl_sim.inversion import division, is_model_inversion, target_classes
 from fl_sim.config import Config, ConfigError, register_configs
+from fl_sim.inversion import division, is_model_inversion, target_classes
 from fl_sim.models import num_parameters
 from fl_sim.recorder import RunRecorder
 from fl_sim.server import make_server_app
