@@ -235,3 +235,25 @@ def test_cli_on_a_directory_without_runs_exits_2_with_one_line(tmp_path, capsys)
         assert err.count("\n") == 1 and err.startswith("fl-sim-report: error: ")
     with pytest.raises(SweepReportError, match="no runs in"):
         write_sweep_report(tmp_path / "empty")
+
+
+def test_model_inversion_and_label_only_entries_are_scored_not_failed(tmp_path):
+    """A sweep over model-inversion runs reports their attack accuracy (table, groups, picture); entries
+    without PSNR (label leakage, model inversion) are scored entries, not failures."""
+    sweep = tmp_path / "mi"
+    for i, (acc, seed) in enumerate([(0.4, 0), (0.6, 1)]):
+        d = sweep / str(i)
+        d.mkdir(parents=True)
+        cfg = _config(0.0, seed=seed, defense="none")
+        cfg["attack"] = {"name": "gmi", "target_clients": [], "labels_known": False}
+        entry = {"round": 3, "client": None, "attack": "gmi", "observed": "model", "batch_size": 25, "psnr": None,
+                 "ssim": None, "label_accuracy": None, "attack_accuracy": acc, "knn_distance": 10.0}
+        (d / "summary.json").write_text(json.dumps({
+            "status": "completed", "config": cfg, "privacy": None, "attacks_skipped": [],
+            "rounds": [{"round": 3, "test_accuracy": 0.9}], "attacks": [entry]}))
+    md = write_sweep_report(sweep).read_text()
+    rows = json.loads((sweep / JSON_NAME).read_text())["runs"]
+    assert [r["mi_attack_accuracy_mean"] for r in rows] == [0.4, 0.6]
+    assert all(r["attack_entries"] == 1 and r["attack_failures"] == 0 for r in rows)
+    assert "MI attack acc. (%)" in md and "| 40.0 |" in md and "| 60.0 |" in md
+    assert "50.0 ± 14.1" in md  # the two seeds aggregated

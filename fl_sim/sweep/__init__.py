@@ -19,6 +19,8 @@ How each number is made (nothing else is computed):
 - PSNR / SSIM / label accuracy: the mean over the run's attack entries (one entry = one attacked client
   in one round; its value is already the mean over that client's batch, after Hungarian matching).
   Entries whose attack failed are counted apart, never scored.
+- MI attack accuracy: model inversion of the final model (``observed: "model"``), the share of its
+  reconstructions that the evaluation classifier puts in their target class, mean over the run's entries.
 - Runs that share every swept value but the seed are aggregated: mean ± sample standard deviation
   (n − 1 in the denominator), n stated. Failed runs are listed, and left out of means and pictures.
 

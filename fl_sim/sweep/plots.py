@@ -44,6 +44,8 @@ def _metric_panels(groups: Sequence[dict]) -> list[tuple[str, str, float]]:
         panels.append(("psnr_mean", "attack PSNR (dB, mean over attacks)", 1.0))
     if any(g["label_accuracy_mean"]["n"] for g in groups):
         panels.append(("label_accuracy_mean", "attack label accuracy (%)", 100.0))
+    if any(g["mi_attack_accuracy_mean"]["n"] for g in groups):
+        panels.append(("mi_attack_accuracy_mean", "model-inversion attack accuracy (%)", 100.0))
     return [p for p in panels if any(g[p[0]]["n"] for g in groups)]
 
 

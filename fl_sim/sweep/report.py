@@ -102,7 +102,9 @@ def _write(sweep_dir: Path) -> tuple[Path, str]:
         "(or no noise). Final test accuracy: the global model on the held-out test split after the last round. "
         "PSNR / SSIM / label accuracy: mean over the run's scored attack entries (one entry = one attacked "
         "client in one round, itself a mean over that client's batch after Hungarian matching); "
-        "`attacks` counts them. Label accuracy \"given\": the server knew the labels.",
+        "`attacks` counts them. Label accuracy \"given\": the server knew the labels. MI attack accuracy: "
+        "model inversion of the final model, the share of reconstructions the evaluation classifier puts in "
+        "their target class.",
         "",
     ]
     if any(len(g["runs"]) > 1 for g in groups):

@@ -210,8 +210,11 @@ def run_row(run: Run, params: Sequence[str]) -> dict:
     rounds = [r for r in (s.get("rounds") or []) if isinstance(r, dict)]
     last = max(rounds, key=lambda r: r.get("round", 0)) if rounds else None
     attacks = [a for a in (s.get("attacks") or []) if isinstance(a, dict)]
-    scored = [a for a in attacks if not a.get("error") and a.get("psnr") is not None]
-    labels = [a["label_accuracy"] for a in scored if a.get("label_accuracy") is not None]
+    done = [a for a in attacks if not a.get("error")]  # what the evaluator scored; failed attacks count apart
+    scored = [a for a in done if a.get("psnr") is not None]  # reconstructions of a client's data
+    labels = [a["label_accuracy"] for a in done if a.get("label_accuracy") is not None]
+    inversions = [a["attack_accuracy"] for a in done  # model inversion of the final model
+                  if a.get("observed") == "model" and a.get("attack_accuracy") is not None]
     attack_cfg = cfg.get("attack") or {}
     row = {
         "run": run.name,
@@ -232,19 +235,20 @@ def run_row(run: Run, params: Sequence[str]) -> dict:
         "final_test_accuracy": last.get("test_accuracy") if (completed and last) else None,
         "attack": attack_cfg.get("name"),
         "labels_known": attack_cfg.get("labels_known"),
-        "attack_entries": len(scored),
-        "attack_failures": len(attacks) - len(scored),
+        "attack_entries": len(done),
+        "attack_failures": len(attacks) - len(done),
         "attacks_skipped": len(s.get("attacks_skipped") or []),
         "psnr_mean": _mean([a["psnr"] for a in scored]) if completed else None,
         "psnr_max": max(a["psnr"] for a in scored) if (completed and scored) else None,
         "ssim_mean": _mean([a["ssim"] for a in scored if a.get("ssim") is not None]) if completed else None,
         "label_accuracy_mean": _mean(labels) if completed else None,
+        "mi_attack_accuracy_mean": _mean(inversions) if completed else None,
     }
     return row
 
 
 # ---------------------------------------------------------------- aggregation over seeds
-METRICS = ("epsilon", "final_test_accuracy", "psnr_mean", "ssim_mean", "label_accuracy_mean")
+METRICS = ("epsilon", "final_test_accuracy", "psnr_mean", "ssim_mean", "label_accuracy_mean", "mi_attack_accuracy_mean")
 
 
 def _stats(values: Sequence[float | None]) -> dict:

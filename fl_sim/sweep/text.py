@@ -119,8 +119,8 @@ def json_safe(o: Any) -> Any:
 def runs_table(rows: Sequence[dict], params: Sequence[str], delta: Any) -> str:
     eps_head = f"ε (δ={fmt_param(delta)})" if delta is not None and not isinstance(delta, Varies) else "ε"
     head = (["run"] + list(params) + ["seed", "status", eps_head, "final test acc. (%)", "PSNR (dB)", "SSIM",
-                                       "label acc. (%)", "attacks"])
-    align = ["---"] * (1 + len(params)) + ["---:", "---"] + ["---:"] * 6
+                                       "label acc. (%)", "attacks", "MI attack acc. (%)"])
+    align = ["---"] * (1 + len(params)) + ["---:", "---"] + ["---:"] * 7
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         eps = fmt_eps(r["epsilon"])
@@ -145,19 +145,23 @@ def runs_table(rows: Sequence[dict], params: Sequence[str], delta: Any) -> str:
             attacks += f" ({r['attack_failures']} failed, {r['attacks_skipped']} skipped)"
         cells = ([r["run"]] + [fmt_param(r["params"][k]) for k in params]
                  + [fmt_param(r["seed"]), r["status"], eps, fmt(pct(r["final_test_accuracy"]), 1),
-                    fmt(r["psnr_mean"], 2), fmt(r["ssim_mean"], 3), label_acc, attacks])
+                    fmt(r["psnr_mean"], 2), fmt(r["ssim_mean"], 3), label_acc, attacks,
+                    fmt(pct(r["mi_attack_accuracy_mean"]), 1)])
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
 def groups_table(groups: Sequence[dict], params: Sequence[str]) -> str:
-    head = list(params) + ["n", "ε", "final test acc. (%)", "PSNR (dB)", "SSIM", "label acc. (%)", "seeds", "failed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(params) + ["---:"] * 6 + ["---"] * 2) + "|"]
+    head = list(params) + ["n", "ε", "final test acc. (%)", "PSNR (dB)", "SSIM", "label acc. (%)", "seeds", "failed",
+                           "MI attack acc. (%)"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * len(params) + ["---:"] * 6 + ["---"] * 2 + ["---:"]) + "|"]
     for g in groups:
         cells = ([fmt_param(g["params"][k]) for k in params]
                  + [str(len(g["runs"])), fmt_stat(g["epsilon"], eps=True),
                     fmt_stat(g["final_test_accuracy"], 100.0, 1), fmt_stat(g["psnr_mean"], 1.0, 2),
                     fmt_stat(g["ssim_mean"], 1.0, 3), fmt_stat(g["label_accuracy_mean"], 100.0, 1),
-                    ", ".join(map(str, g["seeds"])) or "—", ", ".join(g["failed"]) or "—"])
+                    ", ".join(map(str, g["seeds"])) or "—", ", ".join(g["failed"]) or "—",
+                    fmt_stat(g["mi_attack_accuracy_mean"], 100.0, 1)])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
