@@ -104,6 +104,17 @@ class Knowledge:
         m.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         return m
 
+    def frozen_model_at(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """``model_at(state)`` in eval mode with its weights out of the gradients: a model under attack."""
+        m = self.model_at(state).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
+    def classes_to_reconstruct(self) -> tuple[int, ...]:
+        """Model inversion: ``target_classes``, or every class of the model when none are named."""
+        return tuple(self.target_classes) or tuple(range(self.num_classes))
+
 
 @dataclass
 class Reconstruction:

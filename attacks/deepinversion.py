@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import frozen_target
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -46,7 +45,7 @@ class DeepInversion:
 
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        target = frozen_target(knowledge, observation.state)
+        target = knowledge.frozen_model_at(observation.state)
         if not has_batchnorm(target):
             raise ValueError("deepinversion matches the statistics stored in BatchNorm layers, and this model has "
                              "none; use a model with BatchNorm (e.g. convnet, resnet18) or another attack")
@@ -61,7 +60,7 @@ class DeepInversion:
         hooks = [m.register_forward_hook(match) for m in target.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         mean, std, low, high = knowledge.bounds()
-        classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
+        classes = knowledge.classes_to_reconstruct()
         y = torch.tensor(classes, dtype=torch.long).repeat_interleave(self.per_class).to(knowledge.device)
         gen = torch.Generator().manual_seed(self.seed)
         x = torch.randn(len(y), *knowledge.input_shape, generator=gen).to(knowledge.device).requires_grad_(True)

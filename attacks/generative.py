@@ -77,12 +77,13 @@ class Critic(nn.Module):
         return out.squeeze(1) if out.shape[1] == 1 else out
 
 
-def frozen_target(knowledge: Knowledge, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The attacked model holding ``state``, in eval mode, its weights out of the graph's gradients."""
-    target = knowledge.model_at(state).eval()
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target
+def auxiliary_images(knowledge: Knowledge, attack: str) -> torch.Tensor:
+    """The attacker's auxiliary data as [0, 1] images on the CPU (what a GAN prior trains on); a
+    ValueError when it has none."""
+    if knowledge.auxiliary_inputs is None or len(knowledge.auxiliary_inputs) == 0:
+        raise ValueError(f"{attack} needs auxiliary data to train its GAN (knowledge.auxiliary_inputs is empty)")
+    mean, std, _, _ = knowledge.bounds()
+    return (knowledge.auxiliary_inputs.to(mean.device) * std + mean).clamp(0, 1).cpu()
 
 
 class GANPrior:

@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import (Critic, GANPrior, Generator, best_of_restarts, class_batches, frozen_target, to_model,
+from attacks.generative import (Critic, GANPrior, Generator, auxiliary_images, best_of_restarts, class_batches, to_model,
                                  train_wgan_gp)
 
 REFERENCE_BATCH = 64  # latents per batch in the authors' attack code: the losses are means over it
@@ -73,10 +73,7 @@ class GMI(GANPrior):
     def fit_prior(self, knowledge: Knowledge, target: torch.nn.Module | None = None,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
         """Train the WGAN-GP on ``knowledge.auxiliary_inputs`` (the attacker's public data)."""
-        if knowledge.auxiliary_inputs is None or len(knowledge.auxiliary_inputs) == 0:
-            raise ValueError("gmi needs auxiliary data to train its GAN (knowledge.auxiliary_inputs is empty)")
-        mean, std, _, _ = knowledge.bounds()
-        real = (knowledge.auxiliary_inputs.to(mean.device) * std + mean).clamp(0, 1).cpu()
+        real = auxiliary_images(knowledge, self.name)
         self._networks(knowledge)
         return train_wgan_gp(self.generator, self.discriminator, real, steps=self.gan_steps, batch_size=self.gan_batch_size,
                              lr=self.gan_lr, critic_steps=self.critic_steps, penalty=self.gradient_penalty,
@@ -86,9 +83,9 @@ class GMI(GANPrior):
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
         g, d = self.frozen_prior(knowledge)
-        target = frozen_target(knowledge, observation.state)
+        target = knowledge.frozen_model_at(observation.state)
         mean, std, _, _ = knowledge.bounds()
-        classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
+        classes = knowledge.classes_to_reconstruct()
         y = class_batches(classes, self.per_class, self.restarts).to(knowledge.device)
         gen = torch.Generator().manual_seed(self.seed + 1)
         z = torch.randn(len(y), self.latent_dim, generator=gen).to(knowledge.device).requires_grad_(True)

@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, GANPrior, Generator, frozen_target, to_model
+from attacks.generative import Critic, GANPrior, Generator, auxiliary_images, to_model
 
 
 def _real_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -69,13 +69,10 @@ class KEDMI(GANPrior):
 
     def fit_prior(self, knowledge: Knowledge, target: torch.nn.Module,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
-        if knowledge.auxiliary_inputs is None or len(knowledge.auxiliary_inputs) == 0:
-            raise ValueError("kedmi needs auxiliary data to train its GAN (knowledge.auxiliary_inputs is empty)")
-        mean, std, _, _ = knowledge.bounds()
-        aux = knowledge.auxiliary_inputs.to(mean.device)
+        real = auxiliary_images(knowledge, self.name)
+        aux = knowledge.auxiliary_inputs.to(knowledge.device)
         with torch.no_grad():
             soft = torch.cat([F.softmax(target(b), 1) for b in aux.split(512)]).cpu()  # the target's soft labels
-        real = (aux * std + mean).clamp(0, 1).cpu()
         self._networks(knowledge)
         g, d = self.generator.train(), self.discriminator.train()
         opt_g = torch.optim.Adam(g.parameters(), lr=self.gan_lr, betas=(0.5, 0.999))
@@ -114,9 +111,9 @@ class KEDMI(GANPrior):
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
         g, d = self.frozen_prior(knowledge)
-        target = frozen_target(knowledge, observation.state)
+        target = knowledge.frozen_model_at(observation.state)
         mean, std, _, _ = knowledge.bounds()
-        classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
+        classes = knowledge.classes_to_reconstruct()
         k = len(classes)
         gen = torch.Generator().manual_seed(self.seed + 1)
         mu = torch.zeros(k, self.latent_dim, device=knowledge.device, requires_grad=True)

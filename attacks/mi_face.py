@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import frozen_target, to_model
+from attacks.generative import to_model
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -42,9 +42,9 @@ class MIFace:
 
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
-        target = frozen_target(knowledge, observation.state)
+        target = knowledge.frozen_model_at(observation.state)
         mean, std, _, _ = knowledge.bounds()
-        classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
+        classes = knowledge.classes_to_reconstruct()
         y = torch.tensor(classes, dtype=torch.long).repeat_interleave(self.per_class).to(knowledge.device)
         gen = torch.Generator().manual_seed(self.seed)
         x = torch.rand(len(y), *knowledge.input_shape, generator=gen).to(knowledge.device).requires_grad_(True)

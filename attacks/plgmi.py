@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, GANPrior, Generator, best_of_restarts, class_batches, frozen_target, to_model
+from attacks.generative import Critic, GANPrior, Generator, auxiliary_images, best_of_restarts, class_batches, to_model
 
 
 def max_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -83,22 +83,22 @@ class PLGMI(GANPrior):
         self.discriminator = Critic(knowledge.input_shape, self.width, num_classes=k, spectral=True)
 
     def pseudo_labels(self, knowledge: Knowledge, target: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``top_k`` public images per class by the target's confidence, with that class as label."""
+        """The ``top_k`` public images per class by the target's confidence (their indices into the
+        auxiliary data), with that class as label."""
         aux = knowledge.auxiliary_inputs
         with torch.no_grad():
             probs = torch.cat([F.softmax(target(b.to(knowledge.device)), 1).cpu() for b in aux.split(512)])
         k = min(self.top_k, len(aux))
         idx = probs.topk(k, dim=0).indices.T  # (classes, k)
-        return aux[idx.reshape(-1)], torch.arange(probs.shape[1]).repeat_interleave(k)
+        return idx.reshape(-1), torch.arange(probs.shape[1]).repeat_interleave(k)
 
     def fit_prior(self, knowledge: Knowledge, target: torch.nn.Module,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
-        if knowledge.auxiliary_inputs is None or len(knowledge.auxiliary_inputs) == 0:
-            raise ValueError("plgmi needs auxiliary data to train its GAN (knowledge.auxiliary_inputs is empty)")
+        images = auxiliary_images(knowledge, self.name)
         mean, std, _, _ = knowledge.bounds()
         target = target.eval()
-        x, y = self.pseudo_labels(knowledge, target)
-        real = (x.to(mean.device) * std + mean).clamp(0, 1).cpu()
+        idx, y = self.pseudo_labels(knowledge, target)
+        real = images[idx]
         self._networks(knowledge)
         g, d = self.generator.train(), self.discriminator.train()
         opt_g = torch.optim.Adam(g.parameters(), lr=self.gan_lr, betas=(0.0, 0.9))
@@ -132,9 +132,9 @@ class PLGMI(GANPrior):
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
         g, _ = self.frozen_prior(knowledge)
-        target = frozen_target(knowledge, observation.state)
+        target = knowledge.frozen_model_at(observation.state)
         mean, std, _, _ = knowledge.bounds()
-        classes = tuple(knowledge.target_classes) or tuple(range(knowledge.num_classes))
+        classes = knowledge.classes_to_reconstruct()
         y = class_batches(classes, self.per_class, self.restarts).to(knowledge.device)
         gen = torch.Generator().manual_seed(self.seed + 1)
         z = torch.randn(len(y), self.latent_dim, generator=gen).to(knowledge.device).requires_grad_(True)
