@@ -12,15 +12,16 @@ Model Inversion Attack via Conditional Generative Adversarial Network" (AAAI 202
    discriminator steps per generator step, spectral normalisation in the discriminator, as SNGAN, on
    which the authors build.
 3. **Latent search** (``reconstruct``): for class y, z minimising the max-margin loss
-   −l_y + max_{j≠y} l_j of the target on augmented G(z, y) (random shifts; flips for colour images),
-   Adam lr 0.1, 600 iterations; of ``restarts`` starts the one with the lowest loss on the plain image
-   is kept.
+   −l_y + max_{j≠y} l_j of the target, summed over ``views`` (2, as the authors' code) independently
+   augmented copies of G(z, y) (``augment``), Adam lr 0.1, 600 iterations; of ``restarts`` starts the
+   one with the lowest loss on the plain image is kept.
 
 The prior depends on the target model (its pseudo-labels and its max-margin term): it is cached per target.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,15 +40,27 @@ def max_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translations of up to 1/8 of the image (zero padding), and horizontal flips for colour images."""
-    h = x.shape[-1]
-    p = max(1, h // 8)
-    padded = F.pad(x, (p,) * 4)
-    dx, dy = torch.randint(0, 2 * p + 1, (2,), generator=gen).tolist()
-    out = padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
-    if x.shape[1] == 3 and torch.rand((), generator=gen) < 0.5:
-        out = out.flip(-1)
-    return out
+    """PLG-MI's augmentations (the authors' kornia list), drawn per image: a random resized crop of 80-100%
+    of the area (square), a rotation of up to 5 degrees, brightness and contrast jitter of 0.2, and, for
+    colour images only, horizontal flips (a flipped digit is another symbol)."""
+    n = len(x)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, generator=gen)).to(x.device)
+
+    side = uniform(0.8, 1.0).sqrt()  # the crop's side, as a fraction of the image's
+    angle = uniform(-5.0, 5.0) * (math.pi / 180)
+    shift_x, shift_y = (1 - side) * uniform(-1.0, 1.0), (1 - side) * uniform(-1.0, 1.0)
+    cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    if x.shape[1] == 3:
+        flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
+        theta = theta * torch.stack([flip, torch.ones_like(flip), torch.ones_like(flip)], 1)[:, None, :]
+    out = F.grid_sample(x, F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False), align_corners=False)
+    brightness, contrast = uniform(0.8, 1.2)[:, None, None, None], uniform(0.8, 1.2)[:, None, None, None]
+    out = out * brightness
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean).clamp(0, 1)
 
 
 @dataclass
@@ -55,6 +68,7 @@ class PLGMI(GANPrior):
     iterations: int = 600
     lr: float = 0.1
     restarts: int = 5
+    views: int = 2
     per_class: int = 5
     top_k: int = 30
     alpha: float = 0.2
@@ -74,7 +88,8 @@ class PLGMI(GANPrior):
     def prior_key(self) -> dict:
         return {"prior": "plgmi_conditional", "latent_dim": self.latent_dim, "width": self.width,
                 "steps": self.gan_steps, "batch_size": self.gan_batch_size, "lr": self.gan_lr,
-                "critic_steps": self.critic_steps, "top_k": self.top_k, "alpha": self.alpha, "seed": self.seed}
+                "critic_steps": self.critic_steps, "top_k": self.top_k, "alpha": self.alpha, "seed": self.seed,
+                "augment": "crop-rotate-jitter"}
 
     def _networks(self, knowledge: Knowledge) -> None:
         torch.manual_seed(self.seed)
@@ -141,7 +156,7 @@ class PLGMI(GANPrior):
         opt = torch.optim.Adam([z], lr=self.lr)
         for it in range(self.iterations):
             x = g(z, y)
-            loss = max_margin(target(to_model(augment(x, gen), mean, std)), y)
+            loss = sum(max_margin(target(to_model(augment(x, gen), mean, std)), y) for _ in range(self.views))
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()

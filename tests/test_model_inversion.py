@@ -85,6 +85,22 @@ def test_target_aware_gan_attacks_beat_random_latents_of_their_generator(setting
     assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
 
 
+def test_plgmi_augmentations_are_drawn_per_image_and_stay_images():
+    """PLG-MI's augmentations (crop, rotation, brightness/contrast): each image its own draw, in [0, 1],
+    the same draws for the same seed; digits are never mirrored."""
+    from attacks.plgmi import augment
+
+    digit = torch.zeros(1, 1, 28, 28)
+    digit[..., 4:24, 18:22] = 1.0  # a stroke on the right: a mirror image would put it on the left
+    batch = digit.repeat(16, 1, 1, 1)
+    out = augment(batch, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.min() >= 0 and out.max() <= 1
+    assert len({tuple(o.flatten().tolist()) for o in out}) == 16  # no two images got the same draw
+    assert torch.equal(out, augment(batch, torch.Generator().manual_seed(0)))
+    left, right = out[..., :14].sum(dim=(1, 2, 3)), out[..., 14:].sum(dim=(1, 2, 3))
+    assert bool((right > 3 * left).all())  # crops and rotations of at most 5 degrees keep the stroke right
+
+
 def test_deepinversion_needs_batchnorm_and_beats_noise_on_a_batchnorm_target(setting, digits):
     with pytest.raises(ValueError, match="BatchNorm"):
         make_attack("deepinversion", iterations=2).reconstruct(observe(setting["target"]), setting["know"])
