@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from defenses.inversion import seed_bottlenecks
+
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 # grad_sample_mode=auto: the fastest mode whose clipped update matched hooks' (1e-4), as measured by
 # benchmarks/dp_overhead.py on 2 CPU cores (mean private/plain epoch ratio over batch 64 and 256);
@@ -69,18 +71,23 @@ def dp_local_train(
     make_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     grad_sample_mode: str = "hooks",
     generator: torch.Generator | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, int, float]:
     """DP-SGD on (x, y) starting from ``model``'s weights (``model`` itself is left untouched).
 
     ``make_optimizer(params)`` builds the client's optimiser (default: plain SGD at ``lr``); Opacus
     wraps it. Returns (trained state dict, mean training loss, steps taken, Poisson sample rate).
     ``generator`` seeds both the Poisson sampling and the noise (reproducible runs on CPU;
-    Opacus' ``secure_mode`` is what a deployment would use instead).
+    Opacus' ``secure_mode`` is what a deployment would use instead). ``loss_fn(model, logits, y)``: the
+    per-example loss (default cross-entropy; a model-inversion defense's, ``defenses.inversion``), which
+    per-example clipping bounds as it bounds the cross-entropy; ``generator`` also draws the noise of a
+    MID bottleneck.
     """
     n = len(x)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     work = copy.deepcopy(model)
     work.train()
+    seed_bottlenecks(work, gen)
     opt = make_optimizer(work.parameters()) if make_optimizer else torch.optim.SGD(work.parameters(), lr=lr)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size,
                                          generator=gen)
@@ -109,9 +116,19 @@ def dp_local_train(
                 loss = criterion(dp_model(xb), yb)
                 loss.backward()
                 value = float(loss.detach())
+            elif len(yb) == 0 and grad_sample_mode != "hooks":
+                # an empty Poisson batch still makes a (pure noise) step; functorch's and expanded weights'
+                # forward passes cannot take an empty batch: no per-sample gradient, as the hooks give it
+                for param in dp_model.parameters():
+                    if param.requires_grad:
+                        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+                value = 0.0
             else:
                 # sum / batch length == mean, and an empty Poisson batch still makes a (pure noise) step
-                loss = F.cross_entropy(dp_model(xb), yb, reduction="sum") / max(len(yb), 1)
+                logits = dp_model(xb)
+                per_example = F.cross_entropy(logits, yb, reduction="none") if loss_fn is None else \
+                    loss_fn(dp_model, logits, yb)
+                loss = per_example.sum() / max(len(yb), 1)
                 loss.backward()
                 value = float(loss.detach())
             dp_opt.step()

@@ -108,6 +108,21 @@ def precheck(overrides: list[str]) -> str | None:
     return None
 
 
+def run_dir_error(args: list[str]) -> str | None:
+    """The run directory Hydra is about to create, created now: one that cannot be is one line naming
+    ``hydra.run.dir`` (Hydra would print a traceback). A directory with interpolations is left to Hydra."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    path = Path(given[-1] if given else "outputs")
+    if "${" in str(path):
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f"hydra.run.dir={path}" if given else f"the run directory {path.resolve()} (hydra.run.dir)"
+        return f"{where}: cannot be created ({e.strerror or type(e).__name__}); choose a writable folder"
+    return None
+
+
 def resume_main(run_dir: str) -> None:
     """``fl-sim resume=RUN_DIR``: continue an interrupted run from its last checkpoint."""
     from fl_sim.runner import one_line, resume  # for start-up speed, as in _app
@@ -148,7 +163,8 @@ def main() -> None:
         resume_main(resumes[0])
         return
     if not any(a.startswith("-") for a in args):
-        error = precheck([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
+        error = precheck([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")]) \
+            or run_dir_error(args)
         if error is not None:
             print(f"fl-sim: error: {error} (fl-sim --help lists the groups, fl-sim --cfg job the keys)",
                   file=sys.stderr)

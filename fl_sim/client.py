@@ -9,6 +9,7 @@ learning the message is one step of ``fl_sim.split.client``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from flwr.compat.common import recorddict_compat as compat
 from omegaconf import DictConfig, OmegaConf
 
 from defenses.dpsgd import dp_local_train, resolve_grad_sample_mode, steps_per_epoch
+from defenses.inversion import inversion_defense_loss, seed_bottlenecks
 from fl_sim.client_mods import secagg_mod, update_defenses_mod
 from fl_sim.faults import maybe_fail, sends_nan
 from fl_sim.privacy import DPBudget, dp_mechanism, restore_dp
@@ -58,9 +60,9 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
             make_optimizer=lambda params: make_optimizer(
                 str(conf["optimizer"]), params, lr, float(conf["momentum"]), float(conf["weight-decay"])),
             grad_sample_mode=resolve_grad_sample_mode(str(cfg.defense.grad_sample_mode), cfg.model.name),
-            generator=gen)
+            generator=gen, loss_fn=training_loss(cfg))
     else:
-        state, loss, steps = plain_train(ws.model, x, y, conf, gen)
+        state, loss, steps = plain_train(ws.model, x, y, conf, gen, training_loss(cfg))
     if sends_nan(cfg, server_round, cid):  # a diverged client (faults.nan_update_rate)
         state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
     if budget is not None:
@@ -76,16 +78,29 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator):
-    """Local training with the hyper-parameters the server sent (``conf``: its train config)."""
+def training_loss(cfg: DictConfig):
+    """The clients' per-example loss under the model-inversion defenses (``defense=mid``,
+    ``label_smoothing``); None: plain cross-entropy."""
+    d = cfg.defense
+    if not (d.mid or d.label_smoothing):
+        return None
+    return functools.partial(inversion_defense_loss, alpha=float(d.smoothing) if d.label_smoothing else 0.0,
+                             beta=float(d.mid_beta) if d.mid else 0.0)
+
+
+def plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator, loss_fn=None):
+    """Local training with the hyper-parameters the server sent (``conf``: its train config), the
+    per-example loss ``loss_fn`` (``training_loss``); a MID bottleneck draws its noise from ``gen``."""
+    seed_bottlenecks(model, gen)
     loss, steps = local_train(
         model, x, y,
         epochs=int(conf["local-epochs"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),
         optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
         weight_decay=float(conf["weight-decay"]),
         proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
-        generator=gen,
+        generator=gen, loss_fn=loss_fn,
     )
+    seed_bottlenecks(model, None)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, steps
 
 
@@ -102,7 +117,7 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
     ws.model.load_state_dict({k: torch.from_numpy(np.array(a))
                               for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
-    state, loss, steps = plain_train(ws.model, x, y, fitins.config, gen)
+    state, loss, steps = plain_train(ws.model, x, y, fitins.config, gen, training_loss(cfg))
     res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([state[k].numpy() for k in keys]), len(x),
                  {"train_loss": float(loss), "partition-id": cid, "steps": steps, "delay": delay})
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
@@ -111,8 +126,11 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
 def client_query(cfg: DictConfig, msg: Message, context: Context) -> Message:
     """Client discovery: say which client (partition) this node is, and load its workspace now."""
     cid = int(context.node_config["partition-id"])
-    workspace(cfg, "client")  # load data and model on this actor now, not in round 1
-    return Message(content=RecordDict({"client": ConfigRecord({"partition-id": cid})}), reply_to=msg)
+    size = int(context.node_config.get("num-partitions", -1))  # the federation's size, as the node knows it
+    if size in (-1, int(cfg.num_clients)):
+        workspace(cfg, "client")  # load data and model on this actor now, not in round 1
+    return Message(content=RecordDict({"client": ConfigRecord({"partition-id": cid, "num-partitions": size})}),
+                   reply_to=msg)
 
 
 def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) -> ClientApp:

@@ -133,6 +133,8 @@ class DefenseConfig:
     cut_noise: bool = False  # split learning: noise on the activations the client sends
     cut_dropout: bool = False  # split learning: dropout on the activations the client sends
     nopeek: bool = False  # split learning: NoPeek's distance-correlation loss on the client side
+    mid: bool = False  # model inversion: MID's variational information bottleneck before the classifier
+    label_smoothing: bool = False  # model inversion: label smoothing of signed factor smoothing (negative defends)
     # dpsgd
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -149,6 +151,10 @@ class DefenseConfig:
     # local_dp (delta, accountant, max_epsilon and clipping_norm as above)
     local_epsilon: float = 1.0  # nominal ε of one release (one round's update)
     local_sensitivity: Optional[float] = None  # L2 sensitivity of the clipped update (default: clipping_norm)
+    # mid (Wang et al., AAAI 2021) / label_smoothing (Struppek et al., ICLR 2024)
+    mid_beta: float = 0.01  # weight of the bottleneck's KL (bits) in the loss
+    mid_dim: int = 0  # bottleneck dimensions (0: half the classifier's input width, as the authors' code)
+    smoothing: float = -0.05  # alpha: targets (1 - alpha) onehot + alpha / K; > 0 helps the attacker
     # prune / quantize / noise
     prune_ratio: float = 0.5  # fraction of each layer's update set to zero (smallest magnitudes)
     quantize_bits: int = 8
@@ -177,6 +183,7 @@ class BackendConfig:
     num_cpus: Optional[int] = None  # CPUs a local Ray instance may use (default: all)
     num_gpus: Optional[int] = None
     max_actor_restarts: int = -1  # Ray restarts a client actor whose process died (-1: always)
+    connect_timeout: float = 60.0  # seconds the server waits for num_clients clients to connect
 
 
 @dataclass

@@ -25,19 +25,59 @@ class SampledGrid:
         return getattr(self._grid, name)
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-    """Ask every node which client (partition) it is; return {client id: node id}."""
-    deadline = time.time() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < num_clients:
-        if time.time() > deadline:
-            raise RuntimeError(f"only {len(node_ids)} of {num_clients} clients connected")
+class ClientsMissing(RuntimeError):
+    """The federation does not hold the ``num_clients`` clients the config asks for: the run cannot start."""
+
+
+def _federation_size(grid: Grid, node_id: int, timeout: float) -> int | None:
+    """How many partitions the node's federation has (its node config's ``num-partitions``), asked of one
+    node; None when it does not say."""
+    msg = Message(RecordDict(), dst_node_id=node_id, message_type="query")
+    for reply in grid.send_and_receive([msg], timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"client discovery failed: {reply.error.reason}")
+        size = int(reply.content["client"].get("num-partitions", -1))
+        return size if size > 0 else None
+    return None
+
+
+def discover_clients(grid: Grid, cfg: DictConfig) -> dict[int, int]:
+    """Ask every node which client (partition) it is; return {client id: node id}.
+
+    The first node to connect also says how many partitions its federation has: a federation of another
+    size than ``num_clients`` (``flwr run`` with too few or too many SuperNodes) is refused at once, with
+    both numbers and the command that fixes it. Otherwise the server waits ``backend.connect_timeout``
+    seconds (not the round timeout) for ``num_clients`` nodes to register; fewer fail the run with one
+    line. Answering the query, a client loads its data: that is work, bounded by ``round_timeout``."""
+    k, timeout = int(cfg.num_clients), float(cfg.backend.connect_timeout)
+    deadline, probed = time.monotonic() + timeout, False
+    while len(node_ids := list(grid.get_node_ids())) < k or not probed:
+        if node_ids and not probed:
+            probed, asked = True, time.monotonic()
+            size = _federation_size(grid, node_ids[0], float(cfg.round_timeout))  # it loads its data first
+            deadline += time.monotonic() - asked  # the wait for the others starts now
+            if size is not None and size != k:
+                raise ClientsMissing(
+                    f"the federation has {size} SuperNodes but num_clients={k}: give it {k} (simulation: "
+                    f"`flwr federation simulation-config @none/default local --num-supernodes {k}`; deployment: {k} "
+                    f"SuperNodes with --node-config 'partition-id=I num-partitions={k}') or run with num_clients={size}")
+            continue
+        if time.monotonic() > deadline:
+            cause = ("no SuperNode connected: is the federation's runtime up?" if not node_ids else
+                     "the others never registered: start the missing SuperNodes, or raise backend.connect_timeout "
+                     "if they are slow to start (in fl-sim's own simulation: Ray could not start the client actors)")
+            raise ClientsMissing(f"{len(node_ids)} of {k} clients connected after {timeout:g} s: {cause}")
         time.sleep(0.05)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
     node_of: dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    for reply in grid.send_and_receive(msgs, timeout=float(cfg.round_timeout)):  # each loads its data first
         if reply.has_error():
             raise RuntimeError(f"client discovery failed: {reply.error.reason}")
         node_of[int(reply.content["client"]["partition-id"])] = reply.metadata.src_node_id
+    missing = sorted(set(range(k)) - set(node_of))
+    if missing:
+        raise ClientsMissing(f"{len(node_of)} of {k} clients answered discovery within round_timeout="
+                             f"{float(cfg.round_timeout):g} s (no reply from partitions {missing[:10]})")
     return node_of
 
 

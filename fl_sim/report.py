@@ -176,6 +176,7 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         f"| rounds | {cfg['num_rounds']} |",
         f"| attack | {cfg['attack']['name']} |",
         f"| defense | {cfg['defense']['name']} |",
+        *[f"| model change | {c} |" for c in model.get("defense_changes", [])],
         f"| seed | {cfg['seed']} |",
         "",
         "## Training",

@@ -16,9 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr import simulation
 from omegaconf import DictConfig, OmegaConf
 
+from defenses.inversion import bottlenecks
 from fl_sim import checkpoint
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
@@ -70,6 +72,18 @@ def _tame_logs(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
+    """What the model-inversion defenses change in every party's model and loss, for summary and report."""
+    d, out = cfg.defense, []
+    for b in bottlenecks(model):
+        out.append(f"MID: the classifier layer ({b.encoder.in_features} -> {b.classifier.out_features}) is a variational "
+                   f"bottleneck of {b.dim} dimensions; loss + {float(d.mid_beta):g} x KL (bits); eval mode uses its mean")
+    if d.label_smoothing:
+        out.append(f"label smoothing {float(d.smoothing):g} in the clients' loss "
+                   f"({'negative: against' if d.smoothing < 0 else 'positive: known to help'} model inversion)")
+    return out
+
+
 def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     """Validate the config and build data and model once in the driver, so that bad input
     fails here with one clear line, before Ray starts."""
@@ -104,7 +118,7 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     for k, v in init.state_dict().items():
         digest.update(k.encode() + v.detach().cpu().numpy().tobytes())
     recorder.model_info = {"name": cfg.model.name, "parameters": num_parameters(init),
-                           "initial_sha256": digest.hexdigest(),
+                           "initial_sha256": digest.hexdigest(), "defense_changes": defense_changes(cfg, init),
                            **({"classes": list(d.dataset_labels)} if is_model_inversion(cfg) else {})}
 
 

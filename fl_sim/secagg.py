@@ -39,7 +39,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
     aggregate of the sampled clients' models, and that is what an adversarial server attacks."""
     ws = workspace(cfg, "server")
     d, s = cfg.defense, cfg.strategy
-    node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
+    node_of = discover_clients(grid, cfg)
     client_of = {n: c for c, n in node_of.items()}
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     init = initial_model(cfg, ws.data)

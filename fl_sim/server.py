@@ -95,7 +95,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         strategy = with_central_dp(strategy, side=str(d.central_side), clipping=str(d.central_clipping),
                                    noise_multiplier=float(d.central_noise_multiplier),
                                    clipping_norm=float(d.clipping_norm), num_sampled_clients=central.num_sampled)
-    node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
+    node_of = discover_clients(grid, cfg)
     client_of = {n: c for c, n in node_of.items()}
     # NaN/Inf in an update is rejected and reported, never averaged (nor clipped by a DP wrapper)
     guard = strategy = RejectNonFinite(strategy, client_of=lambda m: client_of.get(m.metadata.src_node_id, -1))

@@ -3,6 +3,8 @@ central evaluation and the benchmarks' reference loop."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -38,11 +40,13 @@ def local_train(
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
     generator: torch.Generator | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place on (x, y) for ``epochs``; return (mean training loss, steps taken).
 
     With ``proximal_mu > 0`` the FedProx term (mu/2)·||w - w_start||² is added to the loss
     (Li et al. 2020), w_start being the weights the model had on entry (the global model).
+    ``loss_fn(model, logits, y)``: the per-example loss (default cross-entropy), e.g. a defense's.
     """
     model.train()
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
@@ -54,7 +58,8 @@ def local_train(
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx]) if loss_fn is None else loss_fn(model, logits, y[idx]).mean()
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 (loss + 0.5 * proximal_mu * prox).backward()

@@ -31,9 +31,10 @@ SCENARIOS = ("federated", "split")
 SPLIT_MODES = ("vanilla", "splitfed")
 
 
-DEFENSES = ("dpsgd", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg",
+DEFENSES = ("dpsgd", "mid", "label_smoothing", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg",
             "cut_noise", "cut_dropout", "nopeek")
 UPDATE_DEFENSES = ("central_dp", "local_dp", "prune", "quantize", "noise", "secagg")  # federated only
+INVERSION_DEFENSES = ("mid", "label_smoothing")  # the federated model's training loss (model inversion)
 CUT_DEFENSES = ("cut_noise", "cut_dropout", "nopeek")  # split only
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
@@ -88,6 +89,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"{key}={value} is not a finite number")
     _need(cfg.num_clients >= 1, f"num_clients must be at least 1 (got {cfg.num_clients}); set num_clients=N with N >= 1")
     _need(cfg.num_rounds >= 1, f"num_rounds must be at least 1 (got {cfg.num_rounds}); set num_rounds=N with N >= 1")
+    for key, value in (("seed", cfg.seed), ("attack.seed", cfg.attack.seed)):
+        _need(0 <= int(value) < 2**32, f"{key}={value} is not a seed: use an integer from 0 to 2**32 - 1")
     _need(str(cfg.device) in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
           f"device={cfg.device!r} is not known; use auto, cpu, cuda or cuda:N")
     _choice("dataset", cfg.dataset.name, DATASETS)
@@ -188,6 +191,8 @@ def validate(cfg: Any) -> None:
     _need(f.straggler_seconds >= 0, f"faults.straggler_seconds must be >= 0 (got {f.straggler_seconds})")
     _need(cfg.eval_batch_size >= 1, f"eval_batch_size must be at least 1 (got {cfg.eval_batch_size})")
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")
+    _need(cfg.backend.connect_timeout > 0,
+          f"backend.connect_timeout must be > 0 seconds (got {cfg.backend.connect_timeout})")
     res = cfg.backend.client_resources
     _need(res.num_cpus > 0, f"backend.client_resources.num_cpus must be > 0 (got {res.num_cpus})")
     _need(cfg.backend.max_actor_restarts >= -1,
@@ -242,9 +247,10 @@ def validate_defense(cfg: Any) -> None:
     on = active_defenses(cfg)
     _need(d.name == "none" or on, f"defense={d.name} is not known; choose none or one or more of {', '.join(DEFENSES)}")
     split = cfg.scenario.name == "split"
-    wrong = [x for x in on if x in (UPDATE_DEFENSES if split else CUT_DEFENSES)]
+    wrong = [x for x in on if x in (UPDATE_DEFENSES + INVERSION_DEFENSES if split else CUT_DEFENSES)]
     _need(not wrong, f"defense={'+'.join(wrong)} acts on "
-                     + ("model updates, which split learning does not send; with scenario=split use "
+                     + ("the federated model (its updates, or its training loss), which split learning does not "
+                        "have; with scenario=split use "
                         f"{', '.join(CUT_DEFENSES)} or dpsgd" if split else
                         "split-learning activations; use it with scenario=split"))
     if "cut_noise" in on:
@@ -256,6 +262,16 @@ def validate_defense(cfg: Any) -> None:
         _need(d.nopeek_alpha >= 0, f"defense.nopeek_alpha must be >= 0 (got {d.nopeek_alpha})")
         _need("dpsgd" not in on, "defense=nopeek's distance correlation mixes the examples of a batch, so DP-SGD's "
                                  "per-example clipping cannot bound it; choose nopeek or dpsgd")
+    if "mid" in on:
+        _need(d.mid_beta >= 0, f"defense.mid_beta must be >= 0 (got {d.mid_beta})")
+        _need(d.mid_dim >= 0, f"defense.mid_dim must be >= 0 (got {d.mid_dim}); 0 takes half the classifier's input")
+    if "label_smoothing" in on:
+        _need(-1 <= d.smoothing < 1, f"defense.smoothing must be in [-1, 1) (got {d.smoothing}); the paper's "
+                                     "defense is about -0.05")
+    if "dpsgd" in on and set(on) & set(INVERSION_DEFENSES):
+        _need(d.grad_sample_mode != "ghost",
+              f"defense.grad_sample_mode=ghost computes Opacus' own cross-entropy; with "
+              f"{'+'.join(x for x in on if x in INVERSION_DEFENSES)} use auto, hooks, functorch or ew")
     if "dpsgd" in on:
         _need(d.noise_multiplier >= 0, f"defense.noise_multiplier must be >= 0 (got {d.noise_multiplier})")
         _need(d.max_grad_norm > 0, f"defense.max_grad_norm must be > 0 (got {d.max_grad_norm})")

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from defenses.dpsgd import make_dp_compatible
+from defenses.inversion import add_bottleneck
 from fl_sim.data import FederatedData, build_federated_data
 from fl_sim.malicious import wrap_model
 from fl_sim.models import build_model
@@ -71,6 +72,8 @@ def initial_model(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
     model = architecture(cfg, data)
     if cfg.defense.dpsgd:  # every party uses the architecture Opacus can train (BatchNorm -> GroupNorm)
         model, _ = make_dp_compatible(model)
+    if cfg.defense.mid:  # every party (the attacker too) holds the model with MID's bottleneck
+        add_bottleneck(model, int(cfg.defense.mid_dim))
     return wrap_model(cfg, model, data)
 
 

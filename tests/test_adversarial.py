@@ -11,12 +11,7 @@ from attacks import Knowledge, Reconstruction
 from strategies.adversarial import AdversarialStrategy
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages need a task identity; the simulation sets one, these unit tests set it themselves."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py
 
 
 class FakeGrid:

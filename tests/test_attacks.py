@@ -1,7 +1,6 @@
 """Each attack on the smallest real case, with an asserted number (real digits / CIFAR images)."""
 
 import numpy as np
-import pytest
 import torch
 from torch.nn import functional as F
 

@@ -143,6 +143,16 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "appended_nested_key": (["+client.bar=2"], "client.bar is not a key of fl-sim's config"),
     "int_given_text": (["num_clients=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     "float_given_text": (["client.lr=fast"], "Value 'fast' of type 'str' could not be converted to Float"),
+    "smoothing_out_of_range": (TINY + ["defense=label_smoothing", "defense.smoothing=1.5"],
+                               "defense.smoothing must be in [-1, 1)"),
+    "mid_negative_beta": (TINY + ["defense=mid", "defense.mid_beta=-1"], "defense.mid_beta must be >= 0"),
+    "mid_with_ghost_clipping": (TINY + ["defense=[dpsgd,mid]", "defense.grad_sample_mode=ghost"],
+                                "defense.grad_sample_mode=ghost computes Opacus' own cross-entropy"),
+    "mid_in_split_learning": (["scenario=split", "dataset=digits", "model=mlp", "attack=none", "defense=mid"],
+                              "defense=mid acts on the federated model"),
+    "negative_seed": (TINY + ["seed=-1"], "seed=-1 is not a seed"),
+    "negative_attack_seed": (TINY + ["attack.seed=-3"], "attack.seed=-3 is not a seed"),
+    "zero_connect_timeout": (TINY + ["backend.connect_timeout=0"], "backend.connect_timeout must be > 0"),
     "list_given_int": (["attack.target_clients=3"], "target_clients"),
     # counts
     "zero_clients": (["num_clients=0"], "num_clients must be at least 1"),
@@ -293,6 +303,12 @@ def test_bad_data_file_is_one_line_naming_the_file(name, tmp_path, capsys, monke
     code, out, err = fl_sim_cli(overrides, run_dir, capsys, monkeypatch)
     assert_one_line_error(code, out, err, fragment, run_dir)
     assert "this must never run" not in out + err  # cifar_code_in_pickle: the pickle's code did not run
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_line_naming_the_key(tmp_path, capsys, monkeypatch):
+    run_dir = Path("/proc/fl_sim_cannot_be_here/run")  # not even root can create folders under /proc
+    code, out, err = fl_sim_cli(TINY, run_dir, capsys, monkeypatch)
+    assert_one_line_error(code, out, err, f"hydra.run.dir={run_dir}: cannot be created", run_dir)
 
 
 def test_the_table_holds_at_least_30_cases():

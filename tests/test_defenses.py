@@ -17,7 +17,7 @@ from scipy.stats import norm
 from attacks.registry import make_attack
 from defenses.accounting import (PRV_EPS_ERROR, calibrate_noise, dp_accounting_epsilon, epsilon,
                                  local_dp_noise_multiplier)
-from defenses.dpsgd import dp_local_train, make_dp_compatible, sample_rate
+from defenses.dpsgd import dp_local_train, make_dp_compatible
 from defenses.mods import noise_mod, prune_mod, prune_update, quantize_mod, quantize_update
 from fl_sim.metrics import score
 from fl_sim.models import build_model
@@ -114,6 +114,24 @@ def test_dpsgd_update_is_clipped_and_noised_as_configured(digits):
     expected = 1.0 * 0.01 / 50 * math.sqrt(clean.numel())
     assert (noisy - clean).norm() == pytest.approx(expected, rel=0.1)
     assert torch.equal(update(1.0, seed=3), update(1.0, seed=3))  # reproducible with a seed
+
+
+def test_an_empty_poisson_batch_is_a_noise_step_in_every_grad_sample_mode():
+    """Poisson sampling of 4 examples at batch 1 draws empty batches (seed 0 does). functorch's and expanded
+    weights' forward passes cannot take one (Opacus raised "expected groups to be greater than 0"); each
+    mode now takes the same pure-noise step as the hooks, so all three give the same model."""
+    model, _ = make_dp_compatible(build_model("convnet", (3, 32, 32), 10, width=4))
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    states = {}
+    for mode in ("hooks", "functorch", "ew"):
+        states[mode], _, steps, _ = dp_local_train(model, x, y, epochs=3, batch_size=1, lr=0.01, noise_multiplier=1.0,
+                                                   max_grad_norm=1.0, grad_sample_mode=mode,
+                                                   generator=torch.Generator().manual_seed(0))
+        assert steps == 12
+    for mode in ("functorch", "ew"):
+        for k, v in states["hooks"].items():
+            torch.testing.assert_close(states[mode][k], v, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in states["hooks"].items())
 
 
 def test_dpsgd_with_noise_lowers_the_attacks_psnr(digits):

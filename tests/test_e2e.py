@@ -1,7 +1,6 @@
 """End to end on the real Flower simulation on Ray (kept few and small: each starts Ray)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -86,25 +85,6 @@ def test_a_run_on_a_joined_cluster_crashing_midway_leaves_a_failed_summary_and_t
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     status = subprocess.run([ray, "status", f"--address={ray_cluster}"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0
-
-
-def test_flwr_run_runs_the_same_apps(tmp_path):
-    """`flwr run .` (Flower's local SuperLink, simulation runtime) with overrides in the run config."""
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    run_dir = tmp_path / "run"
-    overrides = "experiment=quick num_clients=2 num_rounds=1"
-    try:
-        p = subprocess.run([flwr, "run", str(repo), "--stream", "--run-config",
-                            f'overrides="{overrides}" run_dir="{run_dir}"'],
-                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-        s = json.loads((run_dir / "summary.json").read_text())
-        assert s["status"] == "completed" and len(s["rounds"]) == 1 and s["rounds"][0]["clients"] == [0, 1]
-    finally:
-        # only the SuperLink this test's FLWR_HOME started (its database lives there)
-        subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path / 'flwr_home'}"], capture_output=True)
 
 
 def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_path):

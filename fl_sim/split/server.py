@@ -231,7 +231,7 @@ def server_main_split(cfg: DictConfig, grid: Grid, recorder, resume_from: dict |
     model = initial_model(cfg, ws.data).to("cpu")
     server = SplitServer(cfg, model, ws.data, recorder)
     fedavg = make_strategy("fedavg", weighted_by_key="num-examples")
-    node_of = discover_clients(grid, cfg.num_clients, cfg.round_timeout)
+    node_of = discover_clients(grid, cfg)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     executor = attack_executor(cfg) if cfg.attack.name in ("rmle", "inverse_network", "unsplit") else None
     x_test, y_test = (t.cpu() for t in ws.test_tensors())

@@ -1,0 +1,106 @@
+"""Training-time defenses against model inversion (issue 12): signed label smoothing and MID's bottleneck,
+on small real cases (sklearn's digits), alone and under DP-SGD."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+from torch.nn import functional as F
+
+from defenses.dpsgd import dp_local_train
+from defenses.inversion import (VariationalBottleneck, add_bottleneck, bottlenecks, inversion_defense_loss,
+                                seed_bottlenecks, smoothed_cross_entropy)
+from fl_sim.models import build_model
+from fl_sim.training import evaluate, local_train
+
+
+def test_label_smoothing_is_pytorchs_for_positive_alpha_and_keeps_its_sign_when_negative():
+    logits, y = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    torch.testing.assert_close(smoothed_cross_entropy(logits, y, 0.0), F.cross_entropy(logits, y, reduction="none"))
+    torch.testing.assert_close(smoothed_cross_entropy(logits, y, 0.1).mean(),
+                               F.cross_entropy(logits, y, label_smoothing=0.1))
+    # negative alpha: the other classes' log-probabilities enter with a positive sign
+    log_p = F.log_softmax(logits, 1)
+    own, others = log_p.gather(1, y[:, None]).squeeze(1), log_p.sum(1)
+    expected = -(1 + 0.05) * own - (-0.05 / 10) * others
+    torch.testing.assert_close(smoothed_cross_entropy(logits, y, -0.05), expected)
+
+
+def test_negative_smoothing_trains_a_more_confident_model_than_positive(digits):
+    """The paper's mechanism: negative smoothing pushes the other classes' probabilities towards zero."""
+    x, y = digits
+    confidence = {}
+    for alpha in (-0.05, 0.1):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 8, 8), 10, hidden=(64,))
+        local_train(model, x, y, epochs=5, batch_size=32, lr=0.1, generator=torch.Generator().manual_seed(0),
+                    loss_fn=lambda m, out, t, a=alpha: inversion_defense_loss(m, out, t, alpha=a))
+        with torch.no_grad():
+            confidence[alpha] = float(F.softmax(model(x), 1).max(1).values.mean())
+    assert confidence[-0.05] > confidence[0.1] + 0.05
+
+
+def test_mid_puts_a_bottleneck_in_place_of_the_classifier_of_every_model():
+    for name, shape in (("mlp", (1, 8, 8)), ("cnn", (1, 28, 28)), ("convnet", (3, 32, 32)), ("lenet", (1, 28, 28))):
+        torch.manual_seed(0)
+        model = build_model(name, shape, 10, width=8, hidden=(32,))
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        add_bottleneck(model)
+        (b,) = bottlenecks(model)
+        assert b.dim == last.in_features // 2 and b.classifier.out_features == 10
+        assert not any(m is last for m in model.modules())
+        x = torch.randn(4, *shape)
+        assert model(x).shape == (4, 10)
+
+
+def test_the_bottlenecks_kl_is_the_gaussians_in_bits_and_eval_mode_uses_the_mean():
+    torch.manual_seed(0)
+    b = VariationalBottleneck(6, 3, dim=4)
+    h = torch.randn(5, 6)
+    b.train()
+    out_a, kl = b(h), b.kl
+    stats = b.encoder(h)
+    mu, std = stats[:, :4], F.softplus(stats[:, 4:] - 5)
+    exact = kl_divergence(Normal(mu, std), Normal(0.0, 1.0)).sum(1) / math.log(2)
+    torch.testing.assert_close(kl, exact)
+    assert not torch.allclose(out_a, b(h))  # training: z is drawn
+    b.eval()
+    torch.testing.assert_close(b(h), b.classifier(mu))
+    torch.testing.assert_close(b(h), b(h))
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_mid_lowers_the_information_in_the_bottleneck_and_stacks_with_dpsgd(digits, dp):
+    """β·KL in the loss: a larger β leaves less KL (bits through the bottleneck) after training, with plain
+    SGD and with DP-SGD (per-example loss, so per-example clipping bounds it); the same seed, the same model."""
+    x, y = digits
+    kl, accuracy, states = {}, {}, {}
+    for beta in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = add_bottleneck(build_model("mlp", (1, 8, 8), 10, hidden=(64,)))
+
+        def loss_fn(m, out, t, beta=beta):
+            return inversion_defense_loss(m, out, t, beta=beta)
+
+        if dp:
+            state, *_ = dp_local_train(model, x, y, epochs=3, batch_size=64, lr=0.5, noise_multiplier=0.5,
+                                       max_grad_norm=1.0, generator=torch.Generator().manual_seed(0), loss_fn=loss_fn)
+            model.load_state_dict(state)
+        else:
+            seed_bottlenecks(model, torch.Generator().manual_seed(1))
+            local_train(model, x, y, epochs=5, batch_size=32, lr=0.1, generator=torch.Generator().manual_seed(0),
+                        loss_fn=loss_fn)
+            seed_bottlenecks(model, None)
+        _, accuracy[beta] = evaluate(model, x, y)
+        kl[beta] = float(bottlenecks(model)[0].kl.mean())
+        states[beta] = model.state_dict()
+    assert kl[0.01] < 0.5 * kl[0.0]
+    assert accuracy[0.01] > 0.5  # still a classifier
+    if not dp:  # seeded bottleneck noise: the same run again gives the same weights
+        torch.manual_seed(0)
+        again = add_bottleneck(build_model("mlp", (1, 8, 8), 10, hidden=(64,)))
+        seed_bottlenecks(again, torch.Generator().manual_seed(1))
+        local_train(again, x, y, epochs=5, batch_size=32, lr=0.1, generator=torch.Generator().manual_seed(0),
+                    loss_fn=lambda m, out, t: inversion_defense_loss(m, out, t, beta=0.01))
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in states[0.01].items())
