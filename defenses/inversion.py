@@ -11,7 +11,16 @@
   z. σ = softplus(s − 5) and the KL in bits, as the authors' code; in eval mode (the deployed model,
   central evaluation, the attacker's copy) z = μ.
 
-Both losses are per example, so they stack with DP-SGD's per-example clipping. The noise of the
+- **BiDO** (Peng, Liu, Zhou, Yu, Lin, Chen, Zhang, "Bilateral Dependency Optimization: Defending
+  Against Model-inversion Attacks", KDD 2022): for every hidden layer Z_j, the loss adds
+  λx·dep(X, Z_j) − λy·dep(Z_j, Y): hidden features should depend little on the input and much on the
+  label. dep is COCO, the constrained covariance sqrt(‖K̃_A K̃_B‖_F)/m of the centred kernel matrices of
+  the batch (Gaussian kernel of width σ·sqrt(d) for inputs and features, linear kernel of the one-hot
+  labels), with the paper's MNIST setting (λx, λy) = (1, 50), σ = 5. The hidden layers here are the
+  outputs of the model's activation layers (their MNIST network's are its three conv blocks').
+
+MID's and label smoothing's losses are per example, so they stack with DP-SGD's per-example clipping;
+BiDO's couples the examples of a batch, so it does not (the config refuses the pair). The noise of the
 bottleneck is drawn from the training loop's seeded generator (``seed_bottlenecks``): the same seed
 gives the same run.
 """
@@ -80,13 +89,75 @@ def seed_bottlenecks(model: nn.Module, generator: torch.Generator | None) -> Non
         b.generator = generator
 
 
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.ELU)
+
+
+def centred_kernel(a: torch.Tensor, sigma: float | None) -> torch.Tensor:
+    """H K H for the batch ``a`` (m, d): a Gaussian kernel exp(−‖a_i − a_j‖² / (2σ²d)), or linear with
+    ``sigma`` None; H = I − 11ᵀ/m."""
+    a = a.flatten(1)
+    m = len(a)
+    if sigma is None:
+        k = a @ a.T
+    else:
+        sq = (a * a).sum(1)
+        k = torch.exp(-(sq[:, None] - 2 * a @ a.T + sq[None, :]).clamp_min(0) / (2 * sigma ** 2 * a.shape[1]))
+    h = torch.eye(m, dtype=a.dtype, device=a.device) - 1.0 / m
+    return h @ k @ h
+
+
+def coco(ka: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """BiDO's COCO of two centred kernel matrices of one batch: sqrt(‖K_a K_b‖_F) / m."""
+    return torch.sqrt(torch.linalg.matrix_norm(ka @ kb)) / len(ka)
+
+
+class BiDO:
+    """BiDO's dependency term for ``model``: forward hooks keep the input and every activation layer's
+    output of the forward pass; ``penalty(y, num_classes)`` turns the last pass into
+    Σ_j λx·COCO(X, Z_j) − λy·COCO(Z_j, Y). ``close()`` removes the hooks."""
+
+    def __init__(self, model: nn.Module, lambda_x: float = 1.0, lambda_y: float = 50.0, sigma: float = 5.0):
+        self.lambda_x, self.lambda_y, self.sigma = lambda_x, lambda_y, sigma
+        self.inputs: torch.Tensor | None = None
+        self.hidden: list[torch.Tensor] = []
+        layers = [m for m in model.modules() if isinstance(m, ACTIVATIONS)]
+        if not layers:
+            raise ValueError("defense=bido regularises the outputs of activation layers; this model has none")
+        self._handles = [model.register_forward_pre_hook(self._input)] + \
+            [m.register_forward_hook(self._output) for m in layers]
+
+    def _input(self, module: nn.Module, args: tuple) -> None:
+        self.inputs, self.hidden = args[0], []
+
+    def _output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.hidden.append(output)
+
+    def penalty(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        kx = centred_kernel(self.inputs, self.sigma)
+        ky = centred_kernel(F.one_hot(y, num_classes).to(kx.dtype), None)
+        total = kx.new_zeros(())
+        for z in self.hidden:
+            kz = centred_kernel(z, self.sigma)
+            total = total + self.lambda_x * coco(kx, kz) - self.lambda_y * coco(kz, ky)
+        self.hidden = []
+        return total
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def inversion_defense_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, *, alpha: float = 0.0,
-                           beta: float = 0.0) -> torch.Tensor:
-    """The per-example training loss with these defenses: smoothed cross-entropy (α), plus β times the
-    bottleneck's KL of this forward pass (MID)."""
+                           beta: float = 0.0, bido: BiDO | None = None) -> torch.Tensor:
+    """The training loss with these defenses, per example: smoothed cross-entropy (α), plus β times the
+    bottleneck's KL of this forward pass (MID), plus BiDO's batch term (the same for every example of the
+    batch, so that the batch mean is the mean cross-entropy plus the term)."""
     loss = smoothed_cross_entropy(logits, y, alpha)
     if beta:
         for b in bottlenecks(model):
             if b.kl is not None:
                 loss = loss + beta * b.kl
+    if bido is not None:
+        loss = loss + bido.penalty(y, logits.shape[1])
     return loss

@@ -21,7 +21,7 @@ from flwr.compat.common import recorddict_compat as compat
 from omegaconf import DictConfig, OmegaConf
 
 from defenses.dpsgd import dp_local_train, resolve_grad_sample_mode, steps_per_epoch
-from defenses.inversion import inversion_defense_loss, seed_bottlenecks
+from defenses.inversion import BiDO, inversion_defense_loss, seed_bottlenecks
 from fl_sim.client_mods import secagg_mod, update_defenses_mod
 from fl_sim.faults import maybe_fail, sends_nan
 from fl_sim.privacy import DPBudget, dp_mechanism, restore_dp
@@ -62,7 +62,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
             grad_sample_mode=resolve_grad_sample_mode(str(cfg.defense.grad_sample_mode), cfg.model.name),
             generator=gen, loss_fn=training_loss(cfg))
     else:
-        state, loss, steps = plain_train(ws.model, x, y, conf, gen, training_loss(cfg))
+        state, loss, steps = plain_train(ws.model, x, y, conf, gen, cfg)
     if sends_nan(cfg, server_round, cid):  # a diverged client (faults.nan_update_rate)
         state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
     if budget is not None:
@@ -78,20 +78,23 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def training_loss(cfg: DictConfig):
+def training_loss(cfg: DictConfig, bido: BiDO | None = None):
     """The clients' per-example loss under the model-inversion defenses (``defense=mid``,
-    ``label_smoothing``); None: plain cross-entropy."""
+    ``label_smoothing``, ``bido`` with its hooks ``bido``); None: plain cross-entropy."""
     d = cfg.defense
-    if not (d.mid or d.label_smoothing):
+    if not (d.mid or d.label_smoothing or bido is not None):
         return None
     return functools.partial(inversion_defense_loss, alpha=float(d.smoothing) if d.label_smoothing else 0.0,
-                             beta=float(d.mid_beta) if d.mid else 0.0)
+                             beta=float(d.mid_beta) if d.mid else 0.0, bido=bido)
 
 
-def plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator, loss_fn=None):
-    """Local training with the hyper-parameters the server sent (``conf``: its train config), the
-    per-example loss ``loss_fn`` (``training_loss``); a MID bottleneck draws its noise from ``gen``."""
+def plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator, cfg: DictConfig):
+    """Local training with the hyper-parameters the server sent (``conf``: its train config) and the
+    defenses' loss (``training_loss``); a MID bottleneck draws its noise from ``gen``."""
+    d = cfg.defense
+    bido = BiDO(model, float(d.bido_lambda_x), float(d.bido_lambda_y), float(d.bido_sigma)) if d.bido else None
     seed_bottlenecks(model, gen)
+    loss_fn = training_loss(cfg, bido)
     loss, steps = local_train(
         model, x, y,
         epochs=int(conf["local-epochs"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),
@@ -101,6 +104,8 @@ def plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator, loss_f
         generator=gen, loss_fn=loss_fn,
     )
     seed_bottlenecks(model, None)
+    if bido is not None:
+        bido.close()
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, steps
 
 
@@ -117,7 +122,7 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
     ws.model.load_state_dict({k: torch.from_numpy(np.array(a))
                               for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
-    state, loss, steps = plain_train(ws.model, x, y, fitins.config, gen, training_loss(cfg))
+    state, loss, steps = plain_train(ws.model, x, y, fitins.config, gen, cfg)
     res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([state[k].numpy() for k in keys]), len(x),
                  {"train_loss": float(loss), "partition-id": cid, "steps": steps, "delay": delay})
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)

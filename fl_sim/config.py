@@ -135,6 +135,7 @@ class DefenseConfig:
     nopeek: bool = False  # split learning: NoPeek's distance-correlation loss on the client side
     mid: bool = False  # model inversion: MID's variational information bottleneck before the classifier
     label_smoothing: bool = False  # model inversion: label smoothing of signed factor smoothing (negative defends)
+    bido: bool = False  # model inversion: BiDO's bilateral dependency (COCO) of hidden layers with input and label
     # dpsgd
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -155,6 +156,9 @@ class DefenseConfig:
     mid_beta: float = 0.01  # weight of the bottleneck's KL (bits) in the loss
     mid_dim: int = 0  # bottleneck dimensions (0: half the classifier's input width, as the authors' code)
     smoothing: float = -0.05  # alpha: targets (1 - alpha) onehot + alpha / K; > 0 helps the attacker
+    bido_lambda_x: float = 1.0  # bido (Peng et al., KDD 2022): weight of the input-feature dependency (lowered)
+    bido_lambda_y: float = 50.0  # weight of the feature-label dependency (raised); (1, 50): their MNIST COCO
+    bido_sigma: float = 5.0  # Gaussian kernel width (times sqrt of the features' dimension)
     # prune / quantize / noise
     prune_ratio: float = 0.5  # fraction of each layer's update set to zero (smallest magnitudes)
     quantize_bits: int = 8

@@ -78,6 +78,9 @@ def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
     for b in bottlenecks(model):
         out.append(f"MID: the classifier layer ({b.encoder.in_features} -> {b.classifier.out_features}) is a variational "
                    f"bottleneck of {b.dim} dimensions; loss + {float(d.mid_beta):g} x KL (bits); eval mode uses its mean")
+    if d.bido:
+        out.append(f"BiDO: loss + {float(d.bido_lambda_x):g} x COCO(input, Z) - {float(d.bido_lambda_y):g} x "
+                   f"COCO(Z, label) for the output Z of every activation layer (kernel width {float(d.bido_sigma):g})")
     if d.label_smoothing:
         out.append(f"label smoothing {float(d.smoothing):g} in the clients' loss "
                    f"({'negative: against' if d.smoothing < 0 else 'positive: known to help'} model inversion)")

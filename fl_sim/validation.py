@@ -31,10 +31,10 @@ SCENARIOS = ("federated", "split")
 SPLIT_MODES = ("vanilla", "splitfed")
 
 
-DEFENSES = ("dpsgd", "mid", "label_smoothing", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg",
+DEFENSES = ("dpsgd", "mid", "label_smoothing", "bido", "central_dp", "local_dp", "prune", "quantize", "noise", "secagg",
             "cut_noise", "cut_dropout", "nopeek")
 UPDATE_DEFENSES = ("central_dp", "local_dp", "prune", "quantize", "noise", "secagg")  # federated only
-INVERSION_DEFENSES = ("mid", "label_smoothing")  # the federated model's training loss (model inversion)
+INVERSION_DEFENSES = ("mid", "label_smoothing", "bido")  # the federated model's training loss (model inversion)
 CUT_DEFENSES = ("cut_noise", "cut_dropout", "nopeek")  # split only
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 ACCOUNTANTS = ("rdp", "prv")
@@ -268,6 +268,13 @@ def validate_defense(cfg: Any) -> None:
     if "label_smoothing" in on:
         _need(-1 <= d.smoothing < 1, f"defense.smoothing must be in [-1, 1) (got {d.smoothing}); the paper's "
                                      "defense is about -0.05")
+    if "bido" in on:
+        _need(d.bido_lambda_x >= 0 and d.bido_lambda_y >= 0,
+              f"defense.bido_lambda_x and bido_lambda_y must be >= 0 (got {d.bido_lambda_x}, {d.bido_lambda_y})")
+        _need(d.bido_sigma > 0, f"defense.bido_sigma must be > 0 (got {d.bido_sigma})")
+        _need("dpsgd" not in on, "defense=bido's dependency term mixes the examples of a batch, so DP-SGD's "
+                                 "per-example clipping cannot bound it; choose bido or dpsgd (mid and "
+                                 "label_smoothing stack with dpsgd)")
     if "dpsgd" in on and set(on) & set(INVERSION_DEFENSES):
         _need(d.grad_sample_mode != "ghost",
               f"defense.grad_sample_mode=ghost computes Opacus' own cross-entropy; with "

@@ -148,6 +148,8 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "mid_negative_beta": (TINY + ["defense=mid", "defense.mid_beta=-1"], "defense.mid_beta must be >= 0"),
     "mid_with_ghost_clipping": (TINY + ["defense=[dpsgd,mid]", "defense.grad_sample_mode=ghost"],
                                 "defense.grad_sample_mode=ghost computes Opacus' own cross-entropy"),
+    "bido_with_dpsgd": (TINY + ["defense=[dpsgd,bido]"], "defense=bido's dependency term mixes the examples"),
+    "bido_zero_sigma": (TINY + ["defense=bido", "defense.bido_sigma=0"], "defense.bido_sigma must be > 0"),
     "mid_in_split_learning": (["scenario=split", "dataset=digits", "model=mlp", "attack=none", "defense=mid"],
                               "defense=mid acts on the federated model"),
     "negative_seed": (TINY + ["seed=-1"], "seed=-1 is not a seed"),

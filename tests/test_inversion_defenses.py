@@ -1,5 +1,5 @@
-"""Training-time defenses against model inversion (issue 12): signed label smoothing and MID's bottleneck,
-on small real cases (sklearn's digits), alone and under DP-SGD."""
+"""Training-time defenses against model inversion (issue 12): signed label smoothing, MID's bottleneck and
+BiDO's dependency term, on small real cases (sklearn's digits), alone and (the per-example ones) under DP-SGD."""
 
 import math
 
@@ -9,8 +9,8 @@ from torch.distributions import Normal, kl_divergence
 from torch.nn import functional as F
 
 from defenses.dpsgd import dp_local_train
-from defenses.inversion import (VariationalBottleneck, add_bottleneck, bottlenecks, inversion_defense_loss,
-                                seed_bottlenecks, smoothed_cross_entropy)
+from defenses.inversion import (BiDO, VariationalBottleneck, add_bottleneck, bottlenecks, centred_kernel, coco,
+                                inversion_defense_loss, seed_bottlenecks, smoothed_cross_entropy)
 from fl_sim.models import build_model
 from fl_sim.training import evaluate, local_train
 
@@ -104,3 +104,46 @@ def test_mid_lowers_the_information_in_the_bottleneck_and_stacks_with_dpsgd(digi
         local_train(again, x, y, epochs=5, batch_size=32, lr=0.1, generator=torch.Generator().manual_seed(0),
                     loss_fn=lambda m, out, t: inversion_defense_loss(m, out, t, beta=0.01))
         assert all(torch.equal(v, again.state_dict()[k]) for k, v in states[0.01].items())
+
+
+def test_bidos_term_is_lambda_x_coco_with_the_input_minus_lambda_y_coco_with_the_label_over_hidden_layers(digits):
+    x, y = digits
+    xb, yb = x[:64], y[:64]
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=(32, 16))
+    bido = BiDO(model, lambda_x=1.0, lambda_y=50.0, sigma=5.0)
+    logits = model(xb)
+    loss = inversion_defense_loss(model, logits, yb, bido=bido)
+    # by hand: the two hidden ReLU outputs
+    h1 = torch.relu(model.net[1](xb.flatten(1)))
+    h2 = torch.relu(model.net[3](h1))
+    kx, ky = centred_kernel(xb, 5.0), centred_kernel(F.one_hot(yb, 10).float(), None)
+    term = sum(coco(kx, centred_kernel(h, 5.0)) - 50.0 * coco(centred_kernel(h, 5.0), ky) for h in (h1, h2))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, yb, reduction="none") + term)
+    bido.close()
+    model(xb)
+    assert bido.hidden == []  # the hooks are gone
+
+
+def test_bido_training_raises_the_features_dependence_on_the_label_relative_to_the_input(digits):
+    """What BiDO optimises, after training: COCO(Z, Y) / COCO(X, Z) of the last hidden layer is higher
+    than with plain cross-entropy, and the model still classifies."""
+    x, y = digits
+    ratio, accuracy = {}, {}
+    for use in (False, True):
+        torch.manual_seed(0)
+        model = build_model("mlp", (1, 8, 8), 10, hidden=(64,))
+        bido = BiDO(model, 1.0, 50.0, 5.0) if use else None
+        local_train(model, x, y, epochs=5, batch_size=64, lr=0.1, generator=torch.Generator().manual_seed(0),
+                    loss_fn=(lambda m, out, t: inversion_defense_loss(m, out, t, bido=bido)) if use else None)
+        if bido is not None:
+            bido.close()
+        with torch.no_grad():
+            xb, yb = x[:256], y[:256]
+            z = torch.relu(model.net[1](xb.flatten(1)))
+            kz = centred_kernel(z, 5.0)
+            ratio[use] = float(coco(kz, centred_kernel(F.one_hot(yb, 10).float(), None))
+                               / coco(centred_kernel(xb, 5.0), kz))
+        accuracy[use] = evaluate(model, x, y)[1]
+    assert ratio[True] > ratio[False]
+    assert accuracy[True] > 0.8
