@@ -10,7 +10,6 @@
   and the loss adds β·KL(N(μ, σ²) ‖ N(0, I)), which bounds the mutual information between the input and
   z. σ = softplus(s − 5) and the KL in bits, as the authors' code; in eval mode (the deployed model,
   central evaluation, the attacker's copy) z = μ.
-
 - **BiDO** (Peng, Liu, Zhou, Yu, Lin, Chen, Zhang, "Bilateral Dependency Optimization: Defending
   Against Model-inversion Attacks", KDD 2022): for every hidden layer Z_j, the loss adds
   λx·dep(X, Z_j) − λy·dep(Z_j, Y): hidden features should depend little on the input and much on the
@@ -52,14 +51,15 @@ class VariationalBottleneck(nn.Module):
         self.encoder = nn.Linear(in_features, 2 * dim)
         self.classifier = nn.Linear(dim, num_classes)
         self.generator: torch.Generator | None = None  # set by seed_bottlenecks for a training run
-        self.kl: torch.Tensor | None = None  # per example, in bits, of the last forward pass
+        self.kl: torch.Tensor | None = None  # per example, in bits, of the last forward pass in training mode
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         stats = self.encoder(h)
         mu, std = stats[:, : self.dim], F.softplus(stats[:, self.dim:] - 5.0)
-        self.kl = 0.5 * (mu ** 2 + std ** 2 - 2 * torch.log(std) - 1).sum(dim=1) / math.log(2)
-        if not self.training:
+        if not self.training:  # the deployed model: its mean, and no KL (nothing to regularise)
+            self.kl = None
             return self.classifier(mu)
+        self.kl = 0.5 * (mu ** 2 + std ** 2 - 2 * torch.log(std.clamp_min(1e-12)) - 1).sum(dim=1) / math.log(2)
         eps = torch.randn(mu.shape, generator=self.generator).to(mu) if self.generator is not None \
             else torch.randn_like(mu)
         return self.classifier(mu + std * eps)
@@ -158,6 +158,7 @@ def inversion_defense_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tens
         for b in bottlenecks(model):
             if b.kl is not None:
                 loss = loss + beta * b.kl
+                b.kl = None  # consumed: no graph kept on the module
     if bido is not None:
         loss = loss + bido.penalty(y, logits.shape[1])
     return loss

@@ -94,18 +94,19 @@ def plain_train(model: torch.nn.Module, x, y, conf, gen: torch.Generator, cfg: D
     d = cfg.defense
     bido = BiDO(model, float(d.bido_lambda_x), float(d.bido_lambda_y), float(d.bido_sigma)) if d.bido else None
     seed_bottlenecks(model, gen)
-    loss_fn = training_loss(cfg, bido)
-    loss, steps = local_train(
-        model, x, y,
-        epochs=int(conf["local-epochs"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),
-        optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
-        weight_decay=float(conf["weight-decay"]),
-        proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
-        generator=gen, loss_fn=loss_fn,
-    )
-    seed_bottlenecks(model, None)
-    if bido is not None:
-        bido.close()
+    try:
+        loss, steps = local_train(
+            model, x, y,
+            epochs=int(conf["local-epochs"]), batch_size=int(conf["batch-size"]), lr=float(conf["lr"]),
+            optimizer=str(conf["optimizer"]), momentum=float(conf["momentum"]),
+            weight_decay=float(conf["weight-decay"]),
+            proximal_mu=float(conf["proximal-mu"]) if "proximal-mu" in conf else 0.0,
+            generator=gen, loss_fn=training_loss(cfg, bido),
+        )
+    finally:  # the model (reused next round, copied by attacks) keeps no generator and no hooks
+        seed_bottlenecks(model, None)
+        if bido is not None:
+            bido.close()
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, loss, steps
 
 

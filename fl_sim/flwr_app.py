@@ -12,7 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fl_sim.client import make_client_app
-from fl_sim.config import compose
+from fl_sim.config import ConfigError, compose
+from fl_sim.protocol import ClientsMissing
 from fl_sim.recorder import RunRecorder, new_run_dir
 from fl_sim.runner import prepare
 from fl_sim.server import server_main
@@ -46,4 +47,6 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
         recorder.finish("completed")
     except Exception as e:
         recorder.finish("failed", error=f"{type(e).__name__}: {e}")
+        if isinstance(e, (ConfigError, ClientsMissing)):  # its one line says it all: none of our frames
+            raise e.with_traceback(None) from None
         raise

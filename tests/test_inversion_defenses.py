@@ -67,7 +67,17 @@ def test_the_bottlenecks_kl_is_the_gaussians_in_bits_and_eval_mode_uses_the_mean
     assert not torch.allclose(out_a, b(h))  # training: z is drawn
     b.eval()
     torch.testing.assert_close(b(h), b.classifier(mu))
+    assert b.kl is None  # the deployed model carries no KL (and no graph)
     torch.testing.assert_close(b(h), b(h))
+
+
+def bits_through(model, x) -> float:
+    """The bottleneck's mean KL (bits) on ``x``: training mode computes it, without gradients."""
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    return float(bottlenecks(model)[0].kl.mean())
 
 
 @pytest.mark.parametrize("dp", [False, True])
@@ -93,7 +103,7 @@ def test_mid_lowers_the_information_in_the_bottleneck_and_stacks_with_dpsgd(digi
                         loss_fn=loss_fn)
             seed_bottlenecks(model, None)
         _, accuracy[beta] = evaluate(model, x, y)
-        kl[beta] = float(bottlenecks(model)[0].kl.mean())
+        kl[beta] = bits_through(model, x)
         states[beta] = model.state_dict()
     assert kl[0.01] < 0.5 * kl[0.0]
     assert accuracy[0.01] > 0.5  # still a classifier
