@@ -247,10 +247,13 @@ def validate_defense(cfg: Any) -> None:
     on = active_defenses(cfg)
     _need(d.name == "none" or on, f"defense={d.name} is not known; choose none or one or more of {', '.join(DEFENSES)}")
     split = cfg.scenario.name == "split"
-    wrong = [x for x in on if x in (UPDATE_DEFENSES + INVERSION_DEFENSES if split else CUT_DEFENSES)]
+    inversion = [x for x in on if x in INVERSION_DEFENSES]
+    _need(not (split and inversion), f"defense={'+'.join(inversion)} acts on the federated model's training loss "
+                                     "(against model inversion), which split learning does not train; use it with "
+                                     "scenario=federated")
+    wrong = [x for x in on if x in (UPDATE_DEFENSES if split else CUT_DEFENSES)]
     _need(not wrong, f"defense={'+'.join(wrong)} acts on "
-                     + ("the federated model (its updates, or its training loss), which split learning does not "
-                        "have; with scenario=split use "
+                     + ("model updates, which split learning does not send; with scenario=split use "
                         f"{', '.join(CUT_DEFENSES)} or dpsgd" if split else
                         "split-learning activations; use it with scenario=split"))
     if "cut_noise" in on:
