@@ -82,8 +82,9 @@ def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
         out.append(f"BiDO: loss + {float(d.bido_lambda_x):g} x COCO(input, Z) - {float(d.bido_lambda_y):g} x "
                    f"COCO(Z, label) for the output Z of every activation layer (kernel width {float(d.bido_sigma):g})")
     if d.label_smoothing:
-        out.append(f"label smoothing {float(d.smoothing):g} in the clients' loss "
-                   f"({'negative: against' if d.smoothing < 0 else 'positive: known to help'} model inversion)")
+        effect = ("negative: against model inversion" if d.smoothing < 0 else
+                  "positive: known to help model inversion" if d.smoothing > 0 else "zero: plain cross-entropy")
+        out.append(f"label smoothing {float(d.smoothing):g} in the clients' loss ({effect})")
     return out
 
 
