@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--append", action="store_true",
                    help="add to the runs already in --out (seeds run in separate invocations; same seed: replaced)")
     p.add_argument("--attacks", default=",".join(ATTACKS))
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--central-epochs", type=int, default=20)
     p.add_argument("--gan-steps", type=int, default=1000)
