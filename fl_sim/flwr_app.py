@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from fl_sim.client import make_client_app
 from fl_sim.config import ConfigError, compose
 from fl_sim.protocol import ClientsMissing
+from fl_sim.network import ray_auth_mode
 from fl_sim.recorder import RunRecorder, new_run_dir
 from fl_sim.runner import prepare
 from fl_sim.server import server_main
@@ -41,6 +42,8 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
     cfg = _cfg_from_run_config(context)
     run_dir = str(context.run_config.get("run_dir", ""))
     recorder = RunRecorder(cfg, Path(run_dir) if run_dir else new_run_dir("outputs/flwr-run"))
+    # Flower's simulation runtime started Ray before this app was loaded: its settings, not fl-sim's (README)
+    recorder.network = {"ray": "flwr run (Flower's simulation runtime)", "ray_auth": ray_auth_mode()}
     try:
         prepare(cfg, recorder)
         server_main(cfg, grid, recorder, context)

@@ -71,6 +71,7 @@ class RunRecorder:
         self.model_info: dict | None = None
         self.model_inversion: dict | None = None  # model inversion: attacker, division, target, evaluation classifier
         self.extra_timing: dict[str, float] = {}  # model inversion: prior training, attack, evaluation classifier
+        self.network: dict | None = None  # what the run's Ray listens on and whom it lets in (fl_sim.network)
         self.summary: dict | None = None
 
     # --- called while running
@@ -143,6 +144,7 @@ class RunRecorder:
             "data": self.data_info,
             "model": self.model_info,
             **({"model_inversion": self.model_inversion} if self.model_inversion is not None else {}),
+            "network": self.network,
             "run_dir": str(self.run_dir.resolve()),
             "versions": _versions(),
         })

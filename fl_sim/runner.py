@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -27,6 +28,8 @@ from fl_sim.client import make_client_app
 from fl_sim.config import Config, ConfigError, register_configs
 from fl_sim.inversion import division, is_model_inversion, target_classes
 from fl_sim.models import num_parameters
+from fl_sim.network import (LOOPBACK, check_cluster, loopback_only, on_this_machine_only, ray_auth_mode,
+                            settle_ray_auth)
 from fl_sim.recorder import RunRecorder
 from fl_sim.server import make_server_app
 from fl_sim.split.cut import cut_of, split
@@ -47,6 +50,7 @@ def backend_config(cfg: DictConfig) -> dict:
         # a new local instance, always: never one recorded in /tmp/ray/ray_current_cluster (a stale record
         # of a killed run made ray.init wait for a dead cluster) nor another run's
         init_args["address"] = "local"
+        init_args["include_dashboard"] = False  # no dashboard, no Jobs API: nothing that takes code over HTTP
         if cfg.attack.name not in ("none",) + MODEL_ATTACKS and cfg.attack.workers > 0:  # workers for round attacks
             init_args["resources"] = {ATTACK_RESOURCE: int(cfg.attack.workers)}
         if b.num_cpus is not None:
@@ -139,8 +143,18 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = 
         plain = OmegaConf.to_container(cfg, resolve=True)
         log.info("fl-sim: %s, %s, %d clients (%s), %s, %d rounds -> %s", cfg.dataset.name, cfg.model.name,
                  cfg.num_clients, cfg.partition.name, cfg.strategy.name, cfg.num_rounds, recorder.run_dir)
+        settle_ray_auth(cfg.backend.ray_address)
+        if cfg.backend.ray_address:
+            warning = check_cluster(str(cfg.backend.ray_address))
+            if warning:
+                log.warning("fl-sim: warning: %s", warning)
+            recorder.network = {"ray": "cluster", "ray_address": str(cfg.backend.ray_address),
+                                "ray_auth": ray_auth_mode(), "cluster_without_authentication": bool(warning)}
+        else:
+            recorder.network = {"ray": "local", "listen": LOOPBACK, "ray_auth": ray_auth_mode(), "dashboard": False}
+        network = loopback_only() if on_this_machine_only(cfg.backend.ray_address) else contextlib.nullcontext()
         recorder.simulation_starting()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), network:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
             simulation.run_simulation(

@@ -1,4 +1,5 @@
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -11,6 +12,13 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One authentication for every Ray process of the session (the shared cluster, the runs that start Ray of
+# their own, the CLI's subprocesses), set before Ray is imported: Ray's token mode and this session's token
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+#: a Ray process started with this takes 127.0.0.1 as its node address and listens on loopback only
+LOOPBACK_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @pytest.fixture
@@ -38,7 +46,8 @@ def forget_ray_head(port: int) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real Ray cluster (`ray start --head`, 2 CPUs, loopback) that the in-process end-to-end runs
+    """One real Ray cluster (`ray start --head`, 2 CPUs, listening on loopback only, with Ray's token
+    authentication and this session's token) that the in-process end-to-end runs
     join: each run still starts its own Flower simulation and client actors, without paying Ray's
     start-up and shutdown (seconds of both cores on a small machine) every time. Runs that start
     their own local instance are tested too: the killed and resumed CLI runs, `flwr run`, and the
@@ -48,11 +57,12 @@ def ray_cluster():
     # --block, in its own process group: stopping it stops this cluster only
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **LOOPBACK_NODE})
     try:
         deadline = time.time() + 120
         while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True,
-                             timeout=60).returncode != 0:
+                             timeout=60, env={**os.environ, **LOOPBACK_NODE}).returncode != 0:
             assert head.poll() is None and time.time() < deadline, "the shared Ray head did not start"
             time.sleep(1)
         forget_ray_head(port)
@@ -93,3 +103,39 @@ def digits():
 
     x, y = load_digits()
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and every process below it (gone ones skipped)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return {pid} | {c.pid for c in root.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def listening(pids: set[int]) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket of the processes ``pids``, read from
+    the system (psutil), not from a list of expected names."""
+    import psutil
+
+    out = set()
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.NoSuchProcess:
+                name = "?"
+            out.add((c.laddr.ip, c.laddr.port, name))
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1
+    return address.is_loopback

@@ -1,6 +1,7 @@
 """End to end on the real Flower simulation on Ray (kept few and small: each starts Ray)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LOOPBACK_NODE
 from fl_sim.runner import run
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +85,8 @@ def test_a_run_on_a_joined_cluster_crashing_midway_leaves_a_failed_summary_and_t
     assert [r["round"] for r in s["rounds"]] == [1]  # what finished is kept
     assert s["config"]["backend"]["ray_address"] == ray_cluster
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    status = subprocess.run([ray, "status", f"--address={ray_cluster}"], capture_output=True, text=True, timeout=60)
+    status = subprocess.run([ray, "status", f"--address={ray_cluster}"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **LOOPBACK_NODE})  # the cluster listens on loopback only
     assert status.returncode == 0
 
 

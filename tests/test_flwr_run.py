@@ -1,18 +1,21 @@
 """The Flower-native path (issue 15): client discovery that fails fast when the federation does not hold
-``num_clients`` clients."""
+``num_clients`` clients; the README's `flwr run` commands, and what they open to the network (issue 16)."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from conftest import free_port
+import psutil
+from conftest import free_port, is_loopback, listening, process_tree
+from fl_sim.network import requires_token
 from fl_sim.protocol import ClientsMissing, discover_clients
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py: Messages need one
@@ -84,6 +87,30 @@ def readme_flwr_commands() -> list[str]:
     return [line for line in block[: block.index("```")].splitlines() if line.strip()]
 
 
+class SuperLinkSockets(threading.Thread):
+    """Twice a second, the listening sockets of the process tree of the SuperLink that ``home`` started
+    (its SuperExec, its simulation runtime and that runtime's Ray); whether each Ray GCS among them
+    refuses a caller without the token."""
+
+    def __init__(self, home: Path):
+        super().__init__(daemon=True)
+        self.home, self.sockets, self.gcs_refuses, self.done = str(home), set(), {}, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            pids = set()
+            for p in psutil.process_iter(["cmdline"]):
+                cmd = p.info["cmdline"] or []
+                if any("flower-superlink" in a for a in cmd) and any(self.home in a for a in cmd):
+                    pids |= process_tree(p.pid)
+            found = listening(pids)
+            self.sockets |= found
+            for _, port, name in found:
+                if name == "gcs_server" and port not in self.gcs_refuses:
+                    self.gcs_refuses[port] = requires_token(f"127.0.0.1:{port}", timeout=5)
+            self.done.wait(0.5)
+
+
 def stop_local_superlink(home: Path) -> None:
     """The SuperLink this test's HOME started (its database lives under it), and nothing else."""
     subprocess.run(["pkill", "-f", f"flower-superlink.*{home}"], capture_output=True)
@@ -94,7 +121,8 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
     """A machine where Flower never ran (HOME without ~/.flwr): the README's commands, run as written,
     complete a 10-client run; then a run config asking for 4 clients of that 10-SuperNode federation
     stops within seconds, one line giving both numbers, `summary.json` failed, and Flower records the run
-    as failed (the ServerApp exits with Flower's code 700; `flwr run` itself returns 0 in Flower 1.41)."""
+    as failed (the ServerApp exits with Flower's code 700; `flwr run` itself returns 0 in Flower 1.41).
+    While the first run trains, every listening socket of the SuperLink's process tree is on loopback."""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
@@ -104,14 +132,26 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
     assert any(c.startswith("flwr run ") for c in commands)
     runs = REPO / "outputs" / "flwr-run"
     before = set(runs.glob("*")) if runs.is_dir() else set()
+    watch = SuperLinkSockets(home)
+    watch.start()
     try:
         p = subprocess.run(["bash", "-c", "set -e\n" + "\n".join(commands)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=400)
+        watch.done.set()
+        watch.join()
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        # the README's RAY_* line: the SuperLink and its simulation runtime's Ray listen on loopback only, and
+        # that Ray refuses a caller without the token, which is in no file (issue 16)
+        names = {name for _, _, name in watch.sockets}
+        assert {"gcs_server", "raylet"} <= names and any(n.startswith("flower-super") for n in names), watch.sockets
+        assert sorted(s for s in watch.sockets if not is_loopback(s[0])) == []
+        assert watch.gcs_refuses and all(v is True for v in watch.gcs_refuses.values()), watch.gcs_refuses
+        assert not (home / ".ray").exists()
         new = sorted(set(runs.glob("*")) - before)
         assert len(new) == 1, new
         s = json.loads((new[0] / "summary.json").read_text())
         assert s["status"] == "completed" and s["rounds"][-1]["clients"] == list(range(10))
+        assert s["network"] == {"ray": "flwr run (Flower's simulation runtime)", "ray_auth": "token"}
         assert (home / ".flwr" / "config.toml").is_file()  # Flower made its configuration on this run
 
         run_dir = tmp_path / "mismatch"
@@ -132,6 +172,7 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
         assert sorted(s.rsplit(":", 1)[-1] for s in statuses) == ["completed", "failed"], listed.stdout
         print(f"mismatch refused after {seconds:.1f} s")
     finally:
+        watch.done.set()
         stop_local_superlink(home)
         for d in set(runs.glob("*")) - before if runs.is_dir() else ():
             shutil.rmtree(d, ignore_errors=True)
