@@ -6,7 +6,7 @@ one gradient (FedSGD) computed in eval mode, CIFAR-10 mean/std normalisation, PS
 images (fl_sim.metrics: Hungarian matching, scikit-image).
 
     python benchmarks/attack_quality.py [--images N] [--settings ig_b1,ig_b4,ig_b8,dlg_b1]
-                                        [--dlg-images K] [--iterations 1000] --out FILE
+                                        [--dlg-images K] [--iterations 1000] [--device cuda] --out FILE
 
 - ig_b1: inverting_gradients on each image alone, labels by iDLG.
 - ig_b4 / ig_b8: consecutive groups of 4 / 8 images as one batch, batch label recovery.
@@ -60,21 +60,23 @@ def observe(model, x01, y, mean, std) -> Observation:
     return Observation.from_gradients(model, grads)
 
 
-def run_setting(name, attack, model, images, labels, batch, groups, mean, std) -> dict:
+def run_setting(name, attack, model, images, labels, batch, groups, mean, std, device: str = "cpu") -> dict:
     psnrs, ssims, label_hits, evals, secs, iters = [], [], [], 0, 0.0, 0
     step_times = []
     for g in groups:
-        x01 = torch.from_numpy(images[g])
-        y = torch.from_numpy(labels[g])
+        x01 = torch.from_numpy(images[g]).to(device)
+        y = torch.from_numpy(labels[g]).to(device)
         obs = observe(model, x01, y, mean, std)
         know = Knowledge(model, tuple(x01.shape[1:]), 10, lr=1.0, batch_size=batch, num_examples=batch,
-                         mean=CIFAR10_MEAN, std=CIFAR10_STD)
+                         mean=CIFAR10_MEAN, std=CIFAR10_STD, device=device)
         t = time.perf_counter()
         rec = attack.reconstruct(obs, know)
+        if device != "cpu":
+            torch.cuda.synchronize()  # the GPU's work is done before the clock stops
         secs += time.perf_counter() - t
         evals += rec.evaluations
         iters = rec.iterations
-        s = score(x01.numpy(), rec.inputs.numpy(), y.numpy(), rec.labels.numpy())
+        s = score(x01.cpu().numpy(), rec.inputs.detach().cpu().numpy(), y.cpu().numpy(), rec.labels.cpu().numpy())
         psnrs += s["psnr"]
         ssims += s["ssim"]
         label_hits.append(s["label_accuracy"])
@@ -97,21 +99,23 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--dlg-evaluations", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where the model, its gradient and the attack compute")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = ap.parse_args()
 
     images, labels = load_foolbox_samples("cifar10_samples")
     images, labels = images[: args.images], labels[: args.images]
     torch.manual_seed(args.seed)
-    model = build_model("convnet", (3, 32, 32), 10, width=64)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    model = build_model("convnet", (3, 32, 32), 10, width=64).to(args.device)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1).to(args.device)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1).to(args.device)
     n = len(images)
     print(f"convnet width 64, {sum(p.numel() for p in model.parameters()):,} parameters; {n} images; "
           f"torch threads {torch.get_num_threads()}", flush=True)
     results: dict = {"setting": {"images": n, "model": "convnet", "width": 64, "seed": args.seed,
                                  "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "threads": torch.get_num_threads(),
-                                 "torch": torch.__version__}}
+                                 "torch": torch.__version__, "device": args.device,
+                                 "cuda_device": torch.cuda.get_device_name(args.device) if args.device != "cpu" else None}}
     for name in args.settings.split(","):
         if name == "ig_b1":
             groups = [[i] for i in range(n)]
@@ -130,7 +134,7 @@ def main() -> None:
             print(f"{name}: needs more images", flush=True)
             continue
         batch = len(groups[0])
-        results[name] = run_setting(name, attack, model, images, labels, batch, groups, mean, std)
+        results[name] = run_setting(name, attack, model, images, labels, batch, groups, mean, std, args.device)
         Path(args.out).write_text(json.dumps(results, indent=2))
 
     print(f"\n{'setting':8} {'images':>8} {'PSNR med':>9} {'PSNR mean':>9} {'SSIM mean':>9} {'labels':>7} "

@@ -91,6 +91,11 @@ def dp_local_train(
     opt = make_optimizer(work.parameters()) if make_optimizer else torch.optim.SGD(work.parameters(), lr=lr)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size,
                                          generator=gen)
+    device = next(work.parameters()).device
+    # Opacus draws the noise where the parameters are, with this generator: on a GPU one of the GPU's,
+    # seeded from ``gen`` (which keeps drawing the Poisson batches); on the CPU ``gen`` itself, as always
+    noise_gen = gen if device.type == "cpu" else \
+        torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="rdp")
@@ -100,7 +105,7 @@ def dp_local_train(
         made = engine.make_private(
             module=work, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode=grad_sample_mode,
-            noise_generator=gen, criterion=nn.CrossEntropyLoss())
+            noise_generator=noise_gen, criterion=nn.CrossEntropyLoss())
     if grad_sample_mode == "ghost":
         dp_model, dp_opt, criterion, dp_loader = made
     else:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from attacks import Knowledge, make_attack
 from fl_sim.data import FederatedData
+from fl_sim.training import resolve_device
 from fl_sim.workspace import Workspace, initial_model
 from strategies.adversarial import AdversarialStrategy, AttackJob, AttackOutcome, run_jobs_sequentially
 
@@ -80,27 +81,64 @@ def knowledge_fn(cfg: DictConfig, model: torch.nn.Module, data: FederatedData):
     return knowledge
 
 
-def _run_job_in_worker(attack, job: AttackJob, threads: int, queue=None) -> AttackOutcome:
-    """A Ray task: one attack with ``threads`` threads, progress sent back through ``queue``."""
+def run_on(device: str, jobs: list[AttackJob], run) -> list[AttackOutcome]:
+    """Run ``run(jobs)`` with every job's knowledge on ``device``; each outcome says where it ran."""
+    for job in jobs:
+        job.knowledge.device = device
+    out = run(jobs)
+    for o in out:
+        o.extra["device"] = device
+    return out
+
+
+def _run_job_in_worker(attack, job: AttackJob, threads: int, device: str = "cpu", gpus: float = 0.0,
+                       queue=None) -> AttackOutcome:
+    """A Ray task: one attack with ``threads`` threads on the device this worker resolves (``device``:
+    auto, cpu, cuda, cuda:N; a GPU only when Ray assigned ``gpus`` > 0 of one, the rule clients follow),
+    progress sent back through ``queue``."""
     torch.set_num_threads(threads)
     progress = None if queue is None else (lambda j, it, loss: queue.put_nowait((j.server_round, j.client, it, loss)))
-    return run_jobs_sequentially(attack, [job], progress=progress)[0]
+    try:
+        here = str(resolve_device(device, gpu_assigned=gpus > 0))
+    except ValueError as e:
+        return AttackOutcome(job, None, 0.0, error=str(e))
+    outcome = run_on(here, [job], lambda js: run_jobs_sequentially(attack, js, progress=progress))[0]
+    if gpus > 0:
+        import ray
+
+        outcome.extra["gpu_ids"] = [str(i) for i in ray.get_gpu_ids()]  # the GPUs Ray gave this task
+    return outcome
 
 
-def ray_executor(workers: int, threads: int):
+def attack_task_options(gpus: float) -> dict:
+    """The Ray options of an attack task: no CPU of the clients' (one unit of the reserved ``fl_sim_attack``
+    resource instead; its threads are ``attack.num_cpus``), ``attack.num_gpus`` of a GPU (Ray shows a task
+    the GPUs it asked for, and none to a task that asked for none)."""
+    return {"num_cpus": 0, "num_gpus": float(gpus), "resources": {ATTACK_RESOURCE: 1}, "max_retries": 0}
+
+
+def ray_executor(workers: int, threads: int, device: str = "cpu", gpus: float = 0.0, fallback=None):
     """Run a round's attacks as Ray tasks, ``workers`` at a time, each holding one unit of the
-    ``fl_sim_attack`` resource reserved at Ray start (the client actors keep their CPUs); progress
-    (iterations, matching loss) comes back through a Ray queue."""
+    ``fl_sim_attack`` resource reserved at Ray start (the client actors keep their CPUs) and ``gpus`` of a
+    GPU; progress (iterations, matching loss) comes back through a Ray queue. When the client actors hold
+    so much of the GPUs that no attack task fits (they keep theirs for the whole run), the round's attacks
+    run in ``fallback`` (the server process) instead of waiting forever."""
 
     def execute(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
         import ray  # Ray is up by now (the simulation started it); importing it costs a second otherwise
+
+        if gpus > 0 and fallback is not None and ray.available_resources().get("GPU", 0.0) + 1e-9 < gpus:
+            log.warning("round %d: attack.num_gpus=%g but the client actors leave %.2f GPU free: the attacks run "
+                        "in the server process (lower backend.client_resources.num_gpus or attack.num_gpus)",
+                        jobs[0].server_round, gpus, ray.available_resources().get("GPU", 0.0))
+            return fallback(attack, jobs)
         from ray.util.queue import Empty, Queue
 
         queue = Queue(actor_options={"num_cpus": 0})
         try:
-            task = ray.remote(_run_job_in_worker).options(num_cpus=0, resources={ATTACK_RESOURCE: 1}, max_retries=0)
+            task = ray.remote(_run_job_in_worker).options(**attack_task_options(gpus))
             attack_ref = ray.put(attack)
-            pending = [task.remote(attack_ref, job, threads, queue) for job in jobs]
+            pending = [task.remote(attack_ref, job, threads, device, gpus, queue) for job in jobs]
             log.info("round %d: attacking clients %s with %s (%d in parallel)", jobs[0].server_round,
                      [j.client for j in jobs], getattr(attack, "name", attack), min(workers, len(jobs)))
             while True:
@@ -131,27 +169,34 @@ def _log_progress(job: AttackJob, it: int, loss: float) -> None:
     log.info("  attack round %d client %s: iteration %d, matching loss %.5f", job.server_round, job.client, it, loss)
 
 
-def local_executor(threads: int):
-    """Attacks one after the other in the server process, with ``threads`` threads like a worker."""
+def local_executor(threads: int, device: str = "cpu"):
+    """Attacks one after the other in the server process, with ``threads`` threads like a worker, on
+    the server's own ``device``."""
 
     def execute(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
-        log.info("round %d: attacking clients %s with %s (in the server process)", jobs[0].server_round,
-                 [j.client for j in jobs], getattr(attack, "name", attack))
+        log.info("round %d: attacking clients %s with %s (in the server process, %s)", jobs[0].server_round,
+                 [j.client for j in jobs], getattr(attack, "name", attack), device)
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)  # the same thread count as an attack worker: same floating point
         try:
-            return run_jobs_sequentially(attack, jobs, progress=_log_progress)
+            return run_on(device, jobs, lambda js: run_jobs_sequentially(attack, js, progress=_log_progress))
         finally:
             torch.set_num_threads(saved)
 
     return execute
 
 
+def server_device(cfg: DictConfig) -> str:
+    """The device the server process computes on (its central evaluation, attacks run there)."""
+    return str(resolve_device(str(cfg.device)))
+
+
 def executor_from_config(cfg: DictConfig):
     a = cfg.attack
+    local = local_executor(max(1, int(a.num_cpus)), server_device(cfg))
     if a.workers <= 0:
-        return local_executor(max(1, int(a.num_cpus)))
-    return ray_executor(a.workers, max(1, int(a.num_cpus)))
+        return local
+    return ray_executor(a.workers, max(1, int(a.num_cpus)), str(cfg.device), float(a.num_gpus), fallback=local)
 
 
 def attack_executor(cfg: DictConfig):
@@ -165,7 +210,7 @@ def attack_executor(cfg: DictConfig):
             log.warning("the Ray cluster has no '%s' resource: attacks run in the server process "
                         "(start Ray nodes with --resources='{\"%s\": N}' to run them in parallel)",
                         ATTACK_RESOURCE, ATTACK_RESOURCE)
-            executor = local_executor(max(1, int(a.num_cpus)))
+            executor = local_executor(max(1, int(a.num_cpus)), server_device(cfg))
     return executor
 
 

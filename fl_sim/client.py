@@ -52,7 +52,8 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
             records["privacy"] = budget.record(declined=True)
             return Message(content=RecordDict({
                 "metrics": MetricRecord({"num-examples": len(x)}),
-                "client": ConfigRecord({"partition-id": cid, "steps": 0, "delay": delay}), **records}), reply_to=msg)
+                "client": ConfigRecord({"partition-id": cid, "steps": 0, "delay": delay, "device": str(ws.device)}),
+                **records}), reply_to=msg)
     if cfg.defense.dpsgd:
         state, loss, steps, _ = dp_local_train(
             ws.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -72,7 +73,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": ArrayRecord(state),
         "metrics": MetricRecord({"train_loss": loss, "num-examples": len(x), "unit-weight": 1.0}),
-        "client": ConfigRecord({"partition-id": cid, "steps": steps, "delay": delay}),
+        "client": ConfigRecord({"partition-id": cid, "steps": steps, "delay": delay, "device": str(ws.device)}),
         **records,
     })
     return Message(content=content, reply_to=msg)
@@ -125,7 +126,8 @@ def client_train_legacy(cfg: DictConfig, msg: Message, context: Context) -> Mess
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     state, loss, steps = plain_train(ws.model, x, y, fitins.config, gen, cfg)
     res = FitRes(Status(Code.OK, "OK"), ndarrays_to_parameters([state[k].numpy() for k in keys]), len(x),
-                 {"train_loss": float(loss), "partition-id": cid, "steps": steps, "delay": delay})
+                 {"train_loss": float(loss), "partition-id": cid, "steps": steps, "delay": delay,
+                  "device": str(ws.device)})
     return Message(content=compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
 
 

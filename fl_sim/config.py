@@ -96,6 +96,7 @@ class AttackConfig:
     batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
     num_cpus: float = 1.0  # threads of each attack worker
+    num_gpus: float = 0.0  # GPU share of each attack worker (Ray; 0.25 puts four on one GPU); device= picks it
     # model inversion of a trained model (mi_face, gmi, deepinversion): observed "model"
     on: str = "final"  # which model is attacked: final (the global model after the last round)
     auxiliary: str = "disjoint_classes"  # the attacker's public data: disjoint_classes | split (auxiliary_fraction)

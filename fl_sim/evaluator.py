@@ -71,16 +71,18 @@ def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: s
     x_true, y_true = true_batch(data, job.client, job.batch)
     entry = {"round": job.server_round, "client": job.client, "attack": attack_name, "observed": job.observed,
              "batch_size": int(len(y_true)), "psnr": None, "ssim": None, "label_accuracy": None,
-             "iterations": 0, "evaluations": 0, "seconds": outcome.seconds}
+             "iterations": 0, "evaluations": 0, "seconds": outcome.seconds,
+             "device": str(outcome.extra.get("device", job.knowledge.device)),  # where the attack computed
+             **({"gpu_ids": outcome.extra["gpu_ids"]} if "gpu_ids" in outcome.extra else {})}  # Ray's GPUs for it
     rec = outcome.reconstruction
     if rec is None:
         entry["error"] = outcome.error
         return entry
-    recs = rec.inputs.numpy()
+    recs = rec.inputs.detach().cpu().numpy()  # an attack on a GPU may return CUDA tensors
     if len(recs) < len(x_true):  # what the attack did not return counts as a mid-grey guess
         recs = np.concatenate([recs, np.full((len(x_true) - len(recs), *recs.shape[1:]), 0.5, recs.dtype)])
     labels_given = bool(rec.info.get("labels_given")) or job.knowledge.labels is not None
-    s = score(x_true, recs, y_true, None if rec.labels is None else rec.labels.numpy(), labels_given=labels_given)
+    s = score(x_true, recs, y_true, None if rec.labels is None else rec.labels.cpu().numpy(), labels_given=labels_given)
     entry.update({"psnr": s["psnr_mean"], "ssim": s["ssim_mean"], "label_accuracy": s["label_accuracy"],
                   "iterations": rec.iterations, "evaluations": rec.evaluations,
                   "psnr_per_image": s["psnr"], "ssim_per_image": s["ssim"]})

@@ -124,6 +124,7 @@ def attack_final_model(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Te
     entry = evaluate_model_inversion(rec, data, judge, attack_name=attack.name, server_round=int(cfg.num_rounds),
                                      seconds=attack_seconds, run_dir=recorder.run_dir)
     entry["prior_seconds"], entry["prior_cached"] = prior["seconds"], prior["cached"]
+    entry["device"] = str(know.device)  # the server process's (the prior trains there too)
     recorder.attack(entry)
     last = recorder.rounds[-1] if recorder.rounds else {}
     recorder.model_inversion = {

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fl_sim.report import write_report
@@ -72,9 +73,14 @@ class RunRecorder:
         self.model_inversion: dict | None = None  # model inversion: attacker, division, target, evaluation classifier
         self.extra_timing: dict[str, float] = {}  # model inversion: prior training, attack, evaluation classifier
         self.network: dict | None = None  # what the run's Ray listens on and whom it lets in (fl_sim.network)
+        self.devices: dict[str, set[str]] = {"server": set(), "clients": set(), "attacks": set()}  # where each ran
         self.summary: dict | None = None
 
     # --- called while running
+    def ran_on(self, party: str, *devices: str) -> None:
+        """``party`` (server, clients, attacks) computed on ``devices`` ("cpu", "cuda:0")."""
+        self.devices[party].update(devices)
+
     def simulation_starting(self) -> None:
         self.t_sim_start = time.perf_counter()
 
@@ -94,6 +100,8 @@ class RunRecorder:
 
     def attack(self, entry: dict) -> None:
         self.attacks.append(entry)
+        if entry.get("device"):
+            self.ran_on("attacks", str(entry["device"]))
         if entry.get("error"):
             log.info("attack %s round %d client %s failed: %s", entry["attack"], entry["round"], entry["client"],
                      entry["error"])
@@ -145,6 +153,7 @@ class RunRecorder:
             "model": self.model_info,
             **({"model_inversion": self.model_inversion} if self.model_inversion is not None else {}),
             "network": self.network,
+            "devices": {party: sorted(d) for party, d in self.devices.items()},
             "run_dir": str(self.run_dir.resolve()),
             "versions": _versions(),
         })
@@ -156,10 +165,19 @@ class RunRecorder:
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
+    out: dict[str, Any] = {"python": platform.python_version()}
     for pkg in ("fl-sim", "flwr", "ray", "torch", "opacus", "flwr-datasets", "hydra-core", "numpy"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    out["cuda"] = cuda_devices()
     return out
+
+
+def cuda_devices() -> dict | None:
+    """The CUDA devices this process sees (name of each, count, CUDA version); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    n = torch.cuda.device_count()
+    return {"count": n, "devices": [torch.cuda.get_device_name(i) for i in range(n)], "version": torch.version.cuda}

@@ -146,6 +146,16 @@ def privacy_section(p: dict | None) -> list[str]:
     return out + [""]
 
 
+def where_they_ran(devices: dict, cuda: dict | None = None) -> str:
+    """"server cpu; clients cuda; attacks cuda (CUDA: NVIDIA H200)": each party's devices, and which
+    CUDA devices the driver saw when a party used one."""
+    parts = [f"{party} {', '.join(d)}" for party, d in devices.items() if d]
+    text = "; ".join(parts) or "—"
+    if cuda and any(x.startswith("cuda") for d in devices.values() for x in d):
+        text += f" (CUDA {cuda.get('version')}: {', '.join(cuda.get('devices', []))})"
+    return text
+
+
 def write_report(run_dir: Path, summary: dict) -> Path:
     run_dir = Path(run_dir)
     cfg = summary["config"]
@@ -178,6 +188,7 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         f"| defense | {cfg['defense']['name']} |",
         *[f"| model change | {c} |" for c in model.get("defense_changes", [])],
         f"| seed | {cfg['seed']} |",
+        *([f"| ran on | {where_they_ran(summary['devices'], (summary.get('versions') or {}).get('cuda'))} |"] if summary.get("devices") else []),
         "",
         "## Training",
         "",

@@ -104,6 +104,7 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
             raise
         raise ConfigError(f"{e} (dataset={cfg.dataset.name})") from e
     d = ws.data
+    recorder.ran_on("server", str(ws.device))  # central evaluation; attacks in the server process
     recorder.data_info = {
         "dataset": cfg.dataset.name,
         "input_shape": list(d.input_shape),

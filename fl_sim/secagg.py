@@ -69,6 +69,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         rnd += offset
         clients = sorted(client_of[n] for n in nodes)
         results = sorted(results, key=lambda r: int(r.metrics["partition-id"]))  # sums independent of arrival order
+        recorder.ran_on("clients", *(str(r.metrics.get("device", "?")) for r in results))
         n_total = sum(int(r.num_examples) for r in results)
         rounds[rnd].update(trained=len(results), stragglers=sum(float(r.metrics.get("delay", 0)) > 0 for r in results),
                            train_loss=sum(

@@ -140,6 +140,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         late = [c for c in sampled if node_of[c] not in answered]  # no reply within round_timeout
         failures.update({c: f"no reply within round_timeout={cfg.round_timeout:g} s" for c in late})
         stragglers = len(late) + sum(float(m.content["client"].get("delay", 0.0)) > 0 for m in ok)
+        recorder.ran_on("clients", *(str(m.content["client"].get("device", "?")) for m in ok))
         if not ok:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")

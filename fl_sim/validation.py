@@ -149,6 +149,10 @@ def validate(cfg: Any) -> None:
     _need(cfg.attack.bins >= 2, f"attack.bins must be at least 2 (got {cfg.attack.bins})")
     _need(cfg.attack.workers >= 0, f"attack.workers must be >= 0 (got {cfg.attack.workers})")
     _need(cfg.attack.num_cpus > 0, f"attack.num_cpus must be > 0 (got {cfg.attack.num_cpus})")
+    _need(cfg.attack.num_gpus >= 0, f"attack.num_gpus must be >= 0 (got {cfg.attack.num_gpus})")
+    _need(cfg.attack.num_gpus == 0 or str(cfg.device) != "cpu",
+          f"attack.num_gpus={cfg.attack.num_gpus:g} with device=cpu: the attack workers would hold GPUs they do not "
+          "use; set device=auto or cuda, or attack.num_gpus=0")
     replaying = cfg.attack.name in ("dlg", "idlg", "inverting_gradients")
     _need(not replaying or (cfg.client.optimizer == "sgd" and cfg.client.momentum == 0
                             and cfg.client.weight_decay == 0 and cfg.strategy.proximal_mu == 0),

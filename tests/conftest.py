@@ -47,7 +47,10 @@ def forget_ray_head(port: int) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real Ray cluster (`ray start --head`, 2 CPUs, listening on loopback only, with Ray's token
-    authentication and this session's token) that the in-process end-to-end runs
+    authentication and this session's token; one GPU declared to Ray, which none of this machine backs:
+    a task asking for a share is scheduled and told its id, and torch, finding no CUDA, computes on the
+    CPU under device=auto; two units of the attack workers' resource, as a local run reserves them) that
+    the in-process end-to-end runs
     join: each run still starts its own Flower simulation and client actors, without paying Ray's
     start-up and shutdown (seconds of both cores on a small machine) every time. Runs that start
     their own local instance are tested too: the killed and resumed CLI runs, `flwr run`, and the
@@ -56,7 +59,8 @@ def ray_cluster():
     port = free_port()
     # --block, in its own process group: stopping it stops this cluster only
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                             "--num-cpus=2", "--num-gpus=1", '--resources={"fl_sim_attack": 2}',
+                             "--include-dashboard=false", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **LOOPBACK_NODE})
     try:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import LOOPBACK_NODE
 from fl_sim.runner import run
@@ -91,9 +92,10 @@ def test_a_run_on_a_joined_cluster_crashing_midway_leaves_a_failed_summary_and_t
 
 
 def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_path):
-    """inverting_gradients on two clients per round, run in parallel as Ray tasks."""
+    """inverting_gradients on two clients per round, run in parallel as Ray tasks, each with half of the
+    cluster's (declared) GPU: Ray schedules them on it, and each says which device it computed on."""
     cfg = compose(TINY + ["attack=inverting_gradients", "attack.iterations=20", "attack.target_clients=[0,2]",
-                          "attack.workers=2"])
+                          "attack.workers=2", "attack.num_gpus=0.5"])
     s = run(cfg, tmp_path)
     entries = s["attacks"]
     assert [(a["round"], a["client"]) for a in entries] == [(1, 0), (1, 2), (2, 0), (2, 2)]
@@ -106,6 +108,11 @@ def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_p
         assert (tmp_path / a["picture"]).stat().st_size > 1000
     assert s["timing"]["attack_seconds"] > 0
     assert "attack_round1_client0.png" in (tmp_path / "report.md").read_text()
+    assert all(a["gpu_ids"] == ["0"] for a in entries)  # Ray gave each attack task its share of GPU 0
+    want = "cuda" if torch.cuda.is_available() else "cpu"  # device=auto: the GPU when torch sees one
+    assert {a["device"] for a in entries} == {want} and s["devices"]["attacks"] == [want]
+    assert s["devices"]["clients"] == ["cpu"] and s["devices"]["server"] == [want]
+    assert f"| ran on | server {want}; clients cpu; attacks {want}" in (tmp_path / "report.md").read_text()
 
 
 def test_dpsgd_budget_composes_over_rounds_and_stops_clients_at_max_epsilon(compose, tmp_path):

@@ -44,7 +44,7 @@ def client_split_step(cfg: DictConfig, msg: Message, context: Context) -> Messag
     if k == 0:
         restore_dp(msg, context)
     budget = DPBudget.load(context, cfg, len(x), epochs, batch_size) if dp else None
-    content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan)})}
+    content: dict = {"client": ConfigRecord({"partition-id": cid, "step": k, "steps": len(plan), "device": str(ws.device)})}
     if "head-input" in msg.content:  # U-shape: the client's head takes the server's output, with the labels
         work.load_state_dict(context.state[STATE_BOTTOM].to_torch_state_dict())
         if STATE_OPTIMIZER in context.state:

@@ -194,6 +194,7 @@ class SplitServer:
                     self.graphs.pop(cid, None)
                     continue
                 step = int(reply.content["client"]["step"])
+                self.recorder.ran_on("clients", str(reply.content["client"].get("device", "?")))
                 records = reply.content.array_records
                 if "head-gradient" in records:  # U-shape: the client's head answered; finish the batch
                     gh = records["head-gradient"].to_torch_state_dict()["gradient"]
