@@ -6,8 +6,8 @@
 #
 # 1. a federated run with device=cuda, clients on a quarter GPU each and attacks on half a GPU each, as
 #    Ray tasks: every client and every attack must report a CUDA device (summary.json `devices`, each
-#    attack entry's `device` and `gpu_ids`). backend.num_cpus=2 keeps the client pool at two actors, so
-#    that half the GPU stays free for the attacks (the actors keep their share for the whole run);
+#    attack entry's `device` and `gpu_ids`). The client actors keep their share for the whole run: fl-sim
+#    gives the local Ray only as many as leave the attack tasks' shares free (here one actor);
 # 2. the same device rule for DP-SGD (Opacus, its noise drawn on the GPU), split learning (the cut's
 #    tensors), SecAgg+, and a model inversion (GMI: its GAN prior and latent search in the server process);
 # 3. inverting gradients on 2 real CIFAR-10 images, on the GPU and on the CPU side by side
@@ -18,7 +18,7 @@ OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
 
-TINY="dataset=digits model=mlp num_clients=4 num_rounds=2 report=false device=cuda backend.num_cpus=2"
+TINY="dataset=digits model=mlp num_clients=4 num_rounds=2 report=false device=cuda"
 GPU="backend.client_resources.num_gpus=0.25"
 fl-sim $TINY $GPU attack=inverting_gradients attack.iterations=100 attack.target_clients=[0,1] \
     attack.workers=2 attack.num_gpus=0.5 hydra.run.dir="$OUT/attacks"

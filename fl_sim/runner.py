@@ -39,6 +39,29 @@ from fl_sim.workspace import initial_model, workspace
 log = logging.getLogger("fl_sim")
 
 
+def client_actor_cap(cfg: DictConfig) -> int | None:
+    """The most client actors a local instance may hold when clients and attack tasks share GPUs, or None.
+
+    Flower's pool takes as many actors as the CPUs and GPUs hold (``min(CPUs / num_cpus, GPUs / num_gpus)``)
+    and each keeps its GPU share for the whole run, so an attack task asking for ``attack.num_gpus`` would
+    find none free. As the attack workers get a resource of their own instead of the clients' CPUs, they get
+    GPU room here: up to ``attack.workers`` shares are kept free (at least one client actor stays), by
+    giving the instance only the CPUs of that many actors (Ray's CPU count is bookkeeping: threads are not
+    limited by it)."""
+    a, res = cfg.attack, cfg.backend.client_resources
+    if (a.name in ("none",) + MODEL_ATTACKS or a.workers <= 0 or a.num_gpus <= 0 or res.num_gpus <= 0
+            or str(cfg.device) == "cpu"):
+        return None
+    gpus = cfg.backend.num_gpus if cfg.backend.num_gpus is not None else torch.cuda.device_count()
+    if gpus <= 0:
+        return None
+    keep = min(a.workers * float(a.num_gpus), max(0.0, gpus - float(res.num_gpus)))  # one client actor at least
+    actors = max(1, int((gpus - keep) / float(res.num_gpus) + 1e-9))
+    cpus = cfg.backend.num_cpus if cfg.backend.num_cpus is not None else (os.cpu_count() or 1)
+    by_cpu = int(cpus / float(res.num_cpus))
+    return actors if actors < by_cpu else None
+
+
 def backend_config(cfg: DictConfig) -> dict:
     """Flower's Ray backend config: client resources and ray.init arguments (logs tamed)."""
     b = cfg.backend
@@ -57,6 +80,9 @@ def backend_config(cfg: DictConfig) -> dict:
             init_args["num_cpus"] = int(b.num_cpus)
         if b.num_gpus is not None:
             init_args["num_gpus"] = int(b.num_gpus)
+        cap = client_actor_cap(cfg)
+        if cap is not None:  # fewer client actors, so that the attack tasks find their GPU share free
+            init_args["num_cpus"] = cap * max(1, int(b.client_resources.num_cpus))
     return {
         # Flower's actor pool keeps a dead actor's handle: Ray restarts its process (max_restarts), so a
         # client process that dies costs its message, not every later message sent to that actor

@@ -84,3 +84,28 @@ def test_attacks_run_in_the_server_process_when_the_client_actors_leave_too_litt
         ray_executor(2, 1, "auto", 0.5, fallback=fallback)(WhereAttack(), [job(0), job(1)])
     assert [j.client for j in served] == [0, 1]
     assert "attack.num_gpus=0.5 but the client actors leave 0.25 GPU free" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, gpus, cap", [
+    (["attack.num_gpus=0.5", "backend.client_resources.num_gpus=0.25"], 1, 1),   # 1 GPU: 2 x 0.5 kept is all of
+    # it but one actor's share: one actor
+    (["attack.num_gpus=0.25", "attack.workers=2", "backend.client_resources.num_gpus=0.25"], 1, 2),
+    (["attack.num_gpus=0.5", "attack.workers=4", "backend.client_resources.num_gpus=0.5"], 1, 1),  # one actor stays
+    (["attack.num_gpus=0.5", "backend.client_resources.num_gpus=0.25"], 0, None),  # no GPU: nothing to keep
+    (["attack.num_gpus=0", "backend.client_resources.num_gpus=0.25"], 1, None),     # attacks want no GPU
+    (["attack.num_gpus=0.5", "backend.client_resources.num_gpus=0"], 1, None),      # clients take none
+    (["attack.num_gpus=0.5", "attack.workers=1", "backend.client_resources.num_gpus=0.25", "backend.num_cpus=2"],
+     1, None),                                                                   # 2 actors fit beside it already
+])
+def test_a_local_instance_keeps_gpu_room_for_the_attack_tasks(monkeypatch, overrides, gpus, cap):
+    """Client actors keep their GPU share for the whole run: the local instance gets only the CPUs of as
+    many actors as leave ``attack.workers`` GPU shares free."""
+    from fl_sim.config import compose
+    from fl_sim.runner import backend_config, client_actor_cap
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    cfg = compose(["dataset=digits", "model=mlp", "attack=dlg", "attack.workers=2", *overrides])
+    assert client_actor_cap(cfg) == cap
+    init = backend_config(cfg)["init_args"]
+    assert init.get("num_cpus") == (cap if cap is not None else (2 if "backend.num_cpus=2" in overrides else None))
