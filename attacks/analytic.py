@@ -43,8 +43,9 @@ class Analytic:
         name, layer = first_linear(model)
         if layer.bias is None:
             raise ValueError("the analytic attack needs the first linear layer to have a bias")
-        gw = (observation.before[f"{name}.weight"] - observation.after[f"{name}.weight"]).double()
-        gb = (observation.before[f"{name}.bias"] - observation.after[f"{name}.bias"]).double()
+        dev = knowledge.device
+        gw = (observation.before[f"{name}.weight"].to(dev) - observation.after[f"{name}.weight"].to(dev)).double()
+        gb = (observation.before[f"{name}.bias"].to(dev) - observation.after[f"{name}.bias"].to(dev)).double()
         mean, std, low, high = knowledge.bounds()
         shape = (-1, *knowledge.input_shape)
         n = knowledge.num_examples

@@ -51,7 +51,7 @@ def _mlp(d_in: int, hidden: int, d_out: int, activation: Callable[[], nn.Module]
 
 def _reinitialised(model: nn.Module) -> nn.Module:
     """A copy of the client's architecture with fresh weights: the server does not know the client's."""
-    pilot = copy.deepcopy(model)
+    pilot = copy.deepcopy(model).cpu()  # reset on the CPU: the seeded, forked generator; the same init on any device
     for m in pilot.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()

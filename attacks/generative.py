@@ -98,7 +98,8 @@ class GANPrior:
         raise NotImplementedError
 
     def prior_state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict()}
+        """The networks' state on the CPU (for the cache, wherever the prior was trained)."""
+        return {"generator": _cpu(self.generator.state_dict()), "discriminator": _cpu(self.discriminator.state_dict())}
 
     def load_prior_state_dict(self, state: dict, knowledge: Knowledge) -> None:
         self._networks(knowledge)
@@ -117,6 +118,10 @@ class GANPrior:
         return g, d
 
 
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """WGAN-GP's penalty: (||∇ D(x̂)||₂ − 1)² at random interpolates x̂ of real and fake images."""
@@ -132,7 +137,9 @@ def train_wgan_gp(generator: Generator, critic: Critic, real: torch.Tensor, *, s
                   penalty: float = 10.0, seed: int = 0,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
     """Train ``generator`` and ``critic`` as a WGAN-GP on ``real`` ([0, 1] images) for ``steps``
-    generator steps (each after ``critic_steps`` critic steps); returns the last losses."""
+    generator steps (each after ``critic_steps`` critic steps); returns the last losses. The networks and
+    ``real`` are on one device; the random draws are made on the CPU (``seed``) and moved there."""
+    device = real.device
     gen = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
     opt_d = torch.optim.Adam(critic.parameters(), lr=lr, betas=betas)
@@ -142,15 +149,15 @@ def train_wgan_gp(generator: Generator, critic: Critic, real: torch.Tensor, *, s
     loss_d = loss_g = torch.tensor(float("nan"))
     for step in range(steps):
         for _ in range(critic_steps):
-            xr = real[torch.randint(n, (min(batch_size, n),), generator=gen)]
-            z = torch.randn(len(xr), generator.latent_dim, generator=gen)
+            xr = real[torch.randint(n, (min(batch_size, n),), generator=gen).to(device)]
+            z = torch.randn(len(xr), generator.latent_dim, generator=gen).to(device)
             with torch.no_grad():
                 xf = generator(z)
             loss_d = critic(xf).mean() - critic(xr).mean() + penalty * gradient_penalty(critic, xr, xf, gen)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-        z = torch.randn(min(batch_size, n), generator.latent_dim, generator=gen)
+        z = torch.randn(min(batch_size, n), generator.latent_dim, generator=gen).to(device)
         loss_g = -critic(generator(z)).mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()

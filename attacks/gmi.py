@@ -72,9 +72,11 @@ class GMI(GANPrior):
 
     def fit_prior(self, knowledge: Knowledge, target: torch.nn.Module | None = None,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
-        """Train the WGAN-GP on ``knowledge.auxiliary_inputs`` (the attacker's public data)."""
-        real = auxiliary_images(knowledge, self.name)
+        """Train the WGAN-GP on ``knowledge.auxiliary_inputs`` (the attacker's public data), on ``knowledge.device``."""
+        real = auxiliary_images(knowledge, self.name).to(knowledge.device)
         self._networks(knowledge)
+        self.generator.to(knowledge.device)
+        self.discriminator.to(knowledge.device)
         return train_wgan_gp(self.generator, self.discriminator, real, steps=self.gan_steps, batch_size=self.gan_batch_size,
                              lr=self.gan_lr, critic_steps=self.critic_steps, penalty=self.gradient_penalty,
                              seed=self.seed, progress=progress)

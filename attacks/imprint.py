@@ -103,10 +103,11 @@ class Imprint:
         w, b = f"{self.block_name}.weight", f"{self.block_name}.bias"
         if w not in observation.before:
             raise ValueError("imprint needs the model sent to carry the imprint block (attack=imprint builds it)")
-        gw = (observation.before[w] - observation.after[w]).double()
-        gb = (observation.before[b] - observation.after[b]).double()
+        dev = knowledge.device
+        gw = (observation.before[w].to(dev) - observation.after[w].to(dev)).double()
+        gb = (observation.before[b].to(dev) - observation.after[b].to(dev)).double()
         # thresholds ascending = bins ordered; b = -t so sort by -b
-        order = torch.argsort(-observation.before[b].double())
+        order = torch.argsort(-observation.before[b].to(dev).double())
         gw, gb = gw[order], gb[order]
         dw = torch.cat([gw[:-1] - gw[1:], gw[-1:]])
         db = torch.cat([gb[:-1] - gb[1:], gb[-1:]])

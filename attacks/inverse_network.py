@@ -9,6 +9,7 @@ activations back to inputs: ``x* = g(a)``. No per-example optimisation at attack
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -35,7 +36,8 @@ class InverseNetwork:
         if knowledge.auxiliary_inputs is None:
             raise ValueError("inverse_network needs the attacker's auxiliary data (knowledge.auxiliary_inputs)")
         torch.manual_seed(self.seed)
-        f = knowledge.model.to(knowledge.device).eval()
+        # a copy on the attack's device: knowledge.model stays where it is (see attacks/rmle.py)
+        f = copy.deepcopy(knowledge.model).to(knowledge.device).eval()
         aux = knowledge.auxiliary_inputs.to(knowledge.device)
         with torch.no_grad():
             codes = f(aux).flatten(1)
@@ -48,7 +50,7 @@ class InverseNetwork:
         loss = torch.tensor(float("nan"))
         steps = 0
         for epoch in range(self.epochs):
-            order = torch.randperm(len(aux), generator=gen)
+            order = torch.randperm(len(aux), generator=gen).to(knowledge.device)  # drawn on the CPU
             for start in range(0, len(aux), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 opt.zero_grad(set_to_none=True)

@@ -69,21 +69,22 @@ class KEDMI(GANPrior):
 
     def fit_prior(self, knowledge: Knowledge, target: torch.nn.Module,
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
-        real = auxiliary_images(knowledge, self.name)
-        aux = knowledge.auxiliary_inputs.to(knowledge.device)
+        dev = knowledge.device  # everything on the attack's device; the random draws on the CPU (seeded), moved there
+        real = auxiliary_images(knowledge, self.name).to(dev)
+        aux = knowledge.auxiliary_inputs.to(dev)
         with torch.no_grad():
-            soft = torch.cat([F.softmax(target(b), 1) for b in aux.split(512)]).cpu()  # the target's soft labels
+            soft = torch.cat([F.softmax(target(b), 1) for b in aux.split(512)])  # the target's soft labels
         self._networks(knowledge)
-        g, d = self.generator.train(), self.discriminator.train()
+        g, d = self.generator.to(dev).train(), self.discriminator.to(dev).train()
         opt_g = torch.optim.Adam(g.parameters(), lr=self.gan_lr, betas=(0.5, 0.999))
         opt_d = torch.optim.Adam(d.parameters(), lr=self.gan_lr, betas=(0.5, 0.999))
         gen = torch.Generator().manual_seed(self.seed)
         n, b = len(real), min(self.gan_batch_size, len(real))
         loss_d = loss_g = torch.tensor(float("nan"))
         for step in range(self.gan_steps):
-            idx = torch.randint(n, (b,), generator=gen)
+            idx = torch.randint(n, (b,), generator=gen).to(dev)
             xr, pr = real[idx], soft[idx]
-            z = torch.randn(b, self.latent_dim, generator=gen)
+            z = torch.randn(b, self.latent_dim, generator=gen).to(dev)
             with torch.no_grad():
                 xf = g(z)
             out_r, out_f = d(xr), d(xf)
@@ -94,7 +95,7 @@ class KEDMI(GANPrior):
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-            xf = g(torch.randn(b, self.latent_dim, generator=gen))
+            xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev))
             matching = (d.features(xf).mean(0) - d.features(xr).mean(0).detach()).abs().mean()
             p_fake = F.softmax(d(xf), 1)
             entropy = -(p_fake * torch.log(p_fake + 1e-8)).sum(1).mean()

@@ -21,7 +21,7 @@ def direction_scoring(cut_gradients: torch.Tensor, num_classes: int, seed: int =
     """Cluster ids (0..num_classes-1) of the per-example gradients by direction."""
     from sklearn.cluster import KMeans  # imported when used: scikit-learn takes a second to import
 
-    g = cut_gradients.detach().flatten(1).double()
+    g = cut_gradients.detach().cpu().flatten(1).double()  # scikit-learn runs on the CPU
     g = g / g.norm(dim=1, keepdim=True).clamp(min=1e-12)
     k = min(num_classes, len(g))
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(g.numpy())
@@ -29,7 +29,7 @@ def direction_scoring(cut_gradients: torch.Tensor, num_classes: int, seed: int =
 
 def norm_scoring(cut_gradients: torch.Tensor) -> np.ndarray:
     """Binary tasks: the larger-norm half is guessed to be the (rarer) positive class."""
-    norms = cut_gradients.detach().flatten(1).norm(dim=1).numpy()
+    norms = cut_gradients.detach().flatten(1).norm(dim=1).cpu().numpy()
     return (norms > np.median(norms)).astype(int)
 
 

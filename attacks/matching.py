@@ -115,11 +115,13 @@ def batchnorm_targets(model: nn.Module, observation: Observation, steps: int) ->
     for name, m in model.named_modules():
         if not isinstance(m, nn.modules.batchnorm._BatchNorm):
             continue
-        rm0, rv0 = observation.before[f"{name}.running_mean"].float(), observation.before[f"{name}.running_var"].float()
+        device = m.running_mean.device if m.running_mean is not None else None  # the model's (the attack's) device
+        rm0 = observation.before[f"{name}.running_mean"].float().to(device)
+        rv0 = observation.before[f"{name}.running_var"].float().to(device)
         if m.momentum and f"{name}.running_mean" in observation.after:
             keep = (1 - m.momentum) ** steps
-            rm1 = observation.after[f"{name}.running_mean"].float()
-            rv1 = observation.after[f"{name}.running_var"].float()
+            rm1 = observation.after[f"{name}.running_mean"].float().to(device)
+            rv1 = observation.after[f"{name}.running_var"].float().to(device)
             targets.append(((rm1 - keep * rm0) / (1 - keep), ((rv1 - keep * rv0) / (1 - keep)).clamp_min(0)))
         else:
             targets.append((rm0, rv0))

@@ -111,11 +111,12 @@ class PLGMI(GANPrior):
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
         images = auxiliary_images(knowledge, self.name)
         mean, std, _, _ = knowledge.bounds()
+        dev = mean.device  # everything on the attack's device; the random draws on the CPU (seeded), moved there
         target = target.eval()
         idx, y = self.pseudo_labels(knowledge, target)
-        real = images[idx]
+        real, y = images[idx].to(dev), y.to(dev)
         self._networks(knowledge)
-        g, d = self.generator.train(), self.discriminator.train()
+        g, d = self.generator.to(dev).train(), self.discriminator.to(dev).train()
         opt_g = torch.optim.Adam(g.parameters(), lr=self.gan_lr, betas=(0.0, 0.9))
         opt_d = torch.optim.Adam(d.parameters(), lr=self.gan_lr, betas=(0.0, 0.9))
         gen = torch.Generator().manual_seed(self.seed)
@@ -123,18 +124,18 @@ class PLGMI(GANPrior):
         loss_d = loss_g = torch.tensor(float("nan"))
         for step in range(self.gan_steps):
             for _ in range(self.critic_steps):
-                idx = torch.randint(n, (b,), generator=gen)
-                yf = torch.randint(k, (b,), generator=gen)
+                idx = torch.randint(n, (b,), generator=gen).to(dev)
+                yf = torch.randint(k, (b,), generator=gen).to(dev)
                 with torch.no_grad():
-                    xf = g(torch.randn(b, self.latent_dim, generator=gen), yf)
+                    xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev), yf)
                 loss_d = F.relu(1 - d(real[idx], y[idx])).mean() + F.relu(1 + d(xf, yf)).mean()
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
-            yf = torch.randint(k, (b,), generator=gen)
-            xf = g(torch.randn(b, self.latent_dim, generator=gen), yf)
-            margin = max_margin(target(to_model(augment(xf, gen).to(mean.device), mean, std)), yf.to(mean.device))
-            loss_g = -d(xf, yf).mean() + self.alpha * margin.mean().cpu()
+            yf = torch.randint(k, (b,), generator=gen).to(dev)
+            xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev), yf)
+            margin = max_margin(target(to_model(augment(xf, gen), mean, std)), yf)
+            loss_g = -d(xf, yf).mean() + self.alpha * margin.mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()

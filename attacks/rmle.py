@@ -13,6 +13,7 @@ optimised here with Adam from random noise, boxed to the data range, with step d
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +45,9 @@ class RMLE:
     def reconstruct(self, observation: ActivationObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
         """``knowledge.model`` is the client-side model (white box, with its weights)."""
-        bottom: nn.Module = knowledge.model.to(knowledge.device).eval()
+        # a copy on the attack's device: knowledge.model stays where it is, as it is (a Ray task sends its job,
+        # knowledge included, back to the driver, which must not receive CUDA tensors)
+        bottom: nn.Module = copy.deepcopy(knowledge.model).to(knowledge.device).eval()
         for p in bottom.parameters():
             p.requires_grad_(False)
         target = observation.activations.to(knowledge.device).detach()
@@ -67,8 +70,6 @@ class RMLE:
                 x.data = torch.max(torch.min(x, high), low)
             if progress is not None and (it + 1) % max(1, self.iterations // 10) == 0:
                 progress(it + 1, float(match.detach()))
-        for p in bottom.parameters():
-            p.requires_grad_(True)
         images = (x.detach() * std + mean).clamp(0, 1)
         labels = None if observation.labels is None else observation.labels.cpu()
         return Reconstruction(images.cpu(), labels, iterations=self.iterations, evaluations=self.iterations,

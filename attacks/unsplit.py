@@ -35,16 +35,16 @@ class UnSplit:
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
         """``knowledge.model``: the client-side architecture; its weights are re-initialised (unknown)."""
         torch.manual_seed(self.seed)
-        clone = copy.deepcopy(knowledge.model).to(knowledge.device)
+        clone = copy.deepcopy(knowledge.model).cpu()
         for m in clone.modules():  # the server does not know the weights: start from a fresh init
             if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        clone.train()
+                m.reset_parameters()  # on the CPU (its seeded generator): the same init on every device
+        clone = clone.to(knowledge.device).train()
         target = observation.activations.to(knowledge.device).detach()
         mean, std, low, high = knowledge.bounds()
         gen = torch.Generator().manual_seed(self.seed)
         x = torch.zeros((len(target), *knowledge.input_shape)).to(knowledge.device)
-        x = (x + 0.01 * torch.randn(x.shape, generator=gen)).requires_grad_(True)
+        x = (x + (0.01 * torch.randn(x.shape, generator=gen)).to(knowledge.device)).requires_grad_(True)
         opt_x = torch.optim.Adam([x], lr=self.lr_input)
         opt_m = torch.optim.Adam(clone.parameters(), lr=self.lr_model)
         match = torch.tensor(float("nan"))

@@ -130,7 +130,9 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
             raise
         raise ConfigError(f"{e} (dataset={cfg.dataset.name})") from e
     d = ws.data
-    recorder.ran_on("server", str(ws.device))  # central evaluation; attacks in the server process
+    # central evaluation and the attacks in the server process; split learning's server side (its part of the
+    # model, FSHA) computes on the CPU (fl_sim.split.server)
+    recorder.ran_on("server", "cpu" if cfg.scenario.name == "split" else str(ws.device))
     recorder.data_info = {
         "dataset": cfg.dataset.name,
         "input_shape": list(d.input_shape),
