@@ -8,10 +8,10 @@ continues a run from its checkpoint. The CLI (``fl_sim.cli``) is a thin Hydra wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -82,7 +82,8 @@ def backend_config(cfg: DictConfig) -> dict:
             init_args["num_gpus"] = int(b.num_gpus)
         cap = client_actor_cap(cfg)
         if cap is not None:  # fewer client actors, so that the attack tasks find their GPU share free
-            init_args["num_cpus"] = cap * max(1, int(b.client_resources.num_cpus))
+            # exact for whole-CPU clients; with a fraction more actors may fit, and the executor falls back
+            init_args["num_cpus"] = max(1, int(cap * float(b.client_resources.num_cpus)))
     return {
         # Flower's actor pool keeps a dead actor's handle: Ray restarts its process (max_restarts), so a
         # client process that dies costs its message, not every later message sent to that actor
