@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -95,20 +96,27 @@ class SuperLinkSockets(threading.Thread):
     def __init__(self, home: Path):
         super().__init__(daemon=True)
         self.home, self.sockets, self.gcs_refuses, self.done = str(home), set(), {}, threading.Event()
+        self.errors: list[str] = []  # a sample that failed (a process gone mid-scan): the next one goes on
 
     def run(self) -> None:
         while not self.done.is_set():
-            pids = set()
-            for p in psutil.process_iter(["cmdline"]):
-                cmd = p.info["cmdline"] or []
-                if any("flower-superlink" in a for a in cmd) and any(self.home in a for a in cmd):
-                    pids |= process_tree(p.pid)
-            found = listening(pids)
-            self.sockets |= found
-            for _, port, name in found:
-                if name == "gcs_server" and port not in self.gcs_refuses:
-                    self.gcs_refuses[port] = requires_token(f"127.0.0.1:{port}", timeout=5)
+            try:
+                self.sample()
+            except Exception as e:  # noqa: BLE001 - recorded; the watch must outlive one bad sample
+                self.errors.append(repr(e))
             self.done.wait(0.5)
+
+    def sample(self) -> None:
+        pids = set()
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if any("flower-superlink" in a for a in cmd) and any(self.home in a for a in cmd):
+                pids |= process_tree(p.pid)
+        found = listening(pids)
+        self.sockets |= found
+        for _, port, name in found:
+            if name == "gcs_server" and port not in self.gcs_refuses:
+                self.gcs_refuses[port] = requires_token(f"127.0.0.1:{port}", timeout=5)
 
 
 def stop_local_superlink(home: Path) -> None:
@@ -126,8 +134,13 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    ray_tmp = tempfile.mkdtemp(prefix="flwr", dir="/tmp")
     env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+               # Flower's plain ray.init() joins a cluster Ray recorded on the machine (RAY_TMPDIR/ray/
+               # ray_current_cluster), e.g. the tests' own after an in-process run: a Ray directory of its own
+               # (short: Ray's socket paths must fit in 107 characters)
+               RAY_TMPDIR=ray_tmp)
     commands = readme_flwr_commands()
     assert any(c.startswith("flwr run ") for c in commands)
     runs = REPO / "outputs" / "flwr-run"
@@ -143,7 +156,8 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
         # the README's RAY_* line: the SuperLink and its simulation runtime's Ray listen on loopback only, and
         # that Ray refuses a caller without the token, which is in no file (issue 16)
         names = {name for _, _, name in watch.sockets}
-        assert {"gcs_server", "raylet"} <= names and any(n.startswith("flower-super") for n in names), watch.sockets
+        assert {"gcs_server", "raylet"} <= names and any(n.startswith("flower-super") for n in names), \
+            (watch.sockets, watch.errors[:3])
         assert sorted(s for s in watch.sockets if not is_loopback(s[0])) == []
         assert watch.gcs_refuses and all(v is True for v in watch.gcs_refuses.values()), watch.gcs_refuses
         assert not (home / ".ray").exists()
@@ -174,5 +188,6 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
     finally:
         watch.done.set()
         stop_local_superlink(home)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         for d in set(runs.glob("*")) - before if runs.is_dir() else ():
             shutil.rmtree(d, ignore_errors=True)
