@@ -202,6 +202,13 @@ def validate(cfg: Any) -> None:
     _need(cfg.backend.max_actor_restarts >= -1,
           f"backend.max_actor_restarts must be -1 (always) or >= 0 (got {cfg.backend.max_actor_restarts})")
     _need(res.num_gpus >= 0, f"backend.client_resources.num_gpus must be >= 0 (got {res.num_gpus})")
+    if res.num_gpus > 0 and not cfg.backend.ray_address and cfg.backend.num_gpus is None:
+        import torch  # here, not at import: `fl-sim --help` and config errors answer without it
+
+        # Flower's pool would hold no client actor on a local instance without GPUs, and stop with a traceback
+        _need(torch.cuda.device_count() > 0,
+              f"backend.client_resources.num_gpus={res.num_gpus:g} but torch sees no GPU on this machine, so no "
+              "client could start; set it to 0 (or join a cluster with GPUs: backend.ray_address)")
     _need(cfg.backend.num_cpus is None or cfg.backend.num_cpus >= 1,
           f"backend.num_cpus must be at least 1 (got {cfg.backend.num_cpus})")
     _need(cfg.backend.num_cpus is None or res.num_cpus <= cfg.backend.num_cpus,

@@ -6,6 +6,7 @@ where torch sees one."""
 from __future__ import annotations
 
 import logging
+import sys
 import types
 
 import pytest
@@ -52,7 +53,7 @@ def test_an_attack_task_asks_ray_for_its_gpu_share_and_no_client_cpu():
 ])
 def test_a_worker_resolves_its_device_as_clients_do_and_its_knowledge_carries_it(monkeypatch, device, gpus,
                                                                                   expected):
-    monkeypatch.setitem(__import__("sys").modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: [0]))
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get_gpu_ids=lambda: [0]))
     attack, j = WhereAttack(), job()
     out = _run_job_in_worker(attack, j, threads=1, device=device, gpus=gpus)
     if expected == "error":
@@ -72,7 +73,7 @@ def test_attacks_in_the_server_process_use_the_servers_device():
 def test_attacks_run_in_the_server_process_when_the_client_actors_leave_too_little_gpu(monkeypatch, caplog):
     """Client actors hold their GPU share for the whole run: an attack task asking for more than is left
     would wait forever. The round's attacks run in the server process instead, with one warning."""
-    monkeypatch.setitem(__import__("sys").modules, "ray",
+    monkeypatch.setitem(sys.modules, "ray",
                         types.SimpleNamespace(available_resources=lambda: {"CPU": 2.0, "GPU": 0.25}))
     served = []
 
@@ -109,3 +110,16 @@ def test_a_local_instance_keeps_gpu_room_for_the_attack_tasks(monkeypatch, overr
     assert client_actor_cap(cfg) == cap
     init = backend_config(cfg)["init_args"]
     assert init.get("num_cpus") == (cap if cap is not None else (2 if "backend.num_cpus=2" in overrides else None))
+
+
+@pytest.mark.skipif(CUDA, reason="a machine without a GPU")
+def test_client_gpu_shares_on_a_machine_without_a_gpu_are_one_line_not_an_empty_actor_pool():
+    from fl_sim.config import ConfigError, compose
+    from fl_sim.validation import validate
+
+    with pytest.raises(ConfigError, match=r"backend.client_resources.num_gpus=0.25 but torch sees no GPU") as e:
+        validate(compose(["dataset=digits", "model=mlp", "attack=none", "backend.client_resources.num_gpus=0.25"]))
+    assert "\n" not in str(e.value)
+    # a Ray instance told it has GPUs (backend.num_gpus), or a cluster, is the user's word
+    validate(compose(["dataset=digits", "model=mlp", "attack=none", "backend.client_resources.num_gpus=0.25",
+                      "backend.num_gpus=1"]))
