@@ -6,7 +6,7 @@ whoever reaches it: the "ShadowRay" exposure).
   runtime-env agent, the workers and the driver bind 127.0.0.1; Ray's dashboard (and with it the Jobs
   API) is off, and Ray's client server is never started. Ray's token authentication is on as well
   (``settle_ray_auth``).
-- A **cluster run** (``backend.ray_address``) joins a cluster that others started: ``cluster_auth``
+- A **cluster run** (``backend.ray_address``) joins a cluster that others started: ``check_cluster``
   asks its GCS, without a token, whether it lets an unauthenticated caller in. One without
   authentication gets a warning line; a process whose authentication mode does not match the
   cluster's gets one line saying what to set (Ray fixes the mode when it is imported).
@@ -32,7 +32,7 @@ from fl_sim.config import ConfigError
 
 LOOPBACK = "127.0.0.1"
 _CLUSTER_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch between local-only (loopback) and cluster nodes
-README = "see the README, 'Ray on several machines'"
+README = "see the README, 'More than one machine'"
 
 
 def ray_auth_mode() -> str:
@@ -124,32 +124,40 @@ def token_at_hand() -> bool:
                 or (Path.home() / ".ray" / "auth_token").is_file())
 
 
-def settle_ray_auth(ray_address: str | None) -> None:
+UNASKED = object()  # the cluster has not been asked yet (requires_token's None means: unreachable)
+
+
+def settle_ray_auth(ray_address: str | None):
     """Before this process imports Ray: token authentication unless the user set ``RAY_AUTH_MODE``. A
     local run with no token at hand gets a random one of this process's own, in its environment only
     (the Ray processes it starts inherit it), never written to disk. A run joining a cluster takes the
-    cluster's mode (``check_cluster`` warns when that is none). Once Ray is imported its mode stands."""
+    cluster's mode (``check_cluster`` warns when that is none). Once Ray is imported its mode stands.
+    Returns the cluster's ``requires_token`` answer when it asked, else ``UNASKED``."""
     if "ray" in sys.modules or "RAY_AUTH_MODE" in os.environ:
-        return
-    mode = "token"
+        return UNASKED
+    mode, answer = "token", UNASKED
     if ray_address:
         address = gcs_address(str(ray_address))
-        if address is not None and requires_token(address) is False:
-            mode = "disabled"
+        if address is not None:
+            answer = requires_token(address)
+            mode = "disabled" if answer is False else "token"
     os.environ["RAY_AUTH_MODE"] = mode
     CHOSEN["mode"] = True
     if mode == "token" and not ray_address and not token_at_hand():
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         CHOSEN["token"] = True
+    return answer
 
 
-def check_cluster(ray_address: str) -> str | None:
+def check_cluster(ray_address: str, answer=UNASKED) -> str | None:
     """Before joining the cluster at ``ray_address``: a ConfigError (one line) when this process cannot
-    join it as its authentication stands; the warning line for a cluster without authentication."""
+    join it as its authentication stands; the warning line for a cluster without authentication.
+    ``answer``: the cluster's ``requires_token`` answer when ``settle_ray_auth`` already asked."""
     address = gcs_address(ray_address)
     if address is None:
         return None
-    needs_token, mode = requires_token(address), ray_auth_mode()
+    needs_token = requires_token(address) if answer is UNASKED else answer
+    mode = ray_auth_mode()
     if needs_token is True and mode != "token":
         raise ConfigError(f"backend.ray_address={ray_address}: this Ray cluster requires token authentication; "
                           f"set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) ({README})")

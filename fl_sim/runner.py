@@ -173,9 +173,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = 
         plain = OmegaConf.to_container(cfg, resolve=True)
         log.info("fl-sim: %s, %s, %d clients (%s), %s, %d rounds -> %s", cfg.dataset.name, cfg.model.name,
                  cfg.num_clients, cfg.partition.name, cfg.strategy.name, cfg.num_rounds, recorder.run_dir)
-        settle_ray_auth(cfg.backend.ray_address)
+        answer = settle_ray_auth(cfg.backend.ray_address)  # the cluster asked once, for both
         if cfg.backend.ray_address:
-            warning = check_cluster(str(cfg.backend.ray_address))
+            warning = check_cluster(str(cfg.backend.ray_address), answer)
             if warning:
                 log.warning("fl-sim: warning: %s", warning)
             recorder.network = {"ray": "cluster", "ray_address": str(cfg.backend.ray_address),

@@ -184,3 +184,16 @@ def test_a_cluster_without_authentication_is_joined_with_one_warning_line(tmp_pa
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["network"]["ray_auth"] == "disabled" and s["network"]["cluster_without_authentication"] is True
 
+
+
+def test_a_cluster_is_asked_once_before_joining(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+    monkeypatch.setattr(network, "requires_token", lambda a, timeout=10.0: asked.append(a) or False)
+    monkeypatch.setattr(network, "CHOSEN", {"mode": False, "token": False})
+    answer = network.settle_ray_auth("10.0.0.5:6379")
+    warning = network.check_cluster("10.0.0.5:6379", answer)
+    assert asked == ["10.0.0.5:6379"] and "runs without authentication" in warning
