@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from attacks import Knowledge, make_attack
 from fl_sim.data import FederatedData
+from fl_sim.malicious import tamper, untamper
 from fl_sim.training import resolve_device
 from fl_sim.workspace import Workspace, initial_model
 from strategies.adversarial import AdversarialStrategy, AttackJob, AttackOutcome, run_jobs_sequentially
@@ -222,5 +223,7 @@ def adversarial_server(cfg: DictConfig, inner, ws: Workspace, client_of: dict[in
     return AdversarialStrategy(
         inner, attack_from_config(a), knowledge_fn(cfg, scratch, ws.data),
         client_of=lambda m: client_of.get(m.metadata.src_node_id, -1),
-        targets=set(a.target_clients) or None, rounds=set(a.rounds) or None, executor=executor)
+        targets=set(a.target_clients) or None, rounds=set(a.rounds) or None, executor=executor,
+        tamper=tamper(cfg, ws.data), untamper=untamper,
+        recipient_of=lambda m: client_of.get(m.metadata.dst_node_id, -1))
 

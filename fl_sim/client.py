@@ -24,6 +24,7 @@ from defenses.dpsgd import dp_local_train, resolve_grad_sample_mode, steps_per_e
 from defenses.inversion import BiDO, inversion_defense_loss, seed_bottlenecks
 from fl_sim.client_mods import secagg_mod, update_defenses_mod
 from fl_sim.faults import maybe_fail, sends_nan
+from fl_sim.malicious import as_received
 from fl_sim.privacy import DPBudget, dp_mechanism, restore_dp
 from fl_sim.sampling import round_seed
 from fl_sim.split.client import client_split_step
@@ -38,7 +39,9 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
     delay = maybe_fail(cfg, server_round, cid)
-    ws.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    received = msg.content["arrays"].to_torch_state_dict()
+    model = as_received(ws.model, received, ws.data.input_shape)  # a malicious server's block, when sent one
+    model.load_state_dict(received)
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
     epochs, batch_size, lr = int(conf["local-epochs"]), int(conf["batch-size"]), float(conf["lr"])
     records: dict[str, Any] = {}
@@ -56,14 +59,14 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
                 **records}), reply_to=msg)
     if cfg.defense.dpsgd:
         state, loss, steps, _ = dp_local_train(
-            ws.model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+            model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
             noise_multiplier=budget.noise_multiplier, max_grad_norm=float(cfg.defense.max_grad_norm),
             make_optimizer=lambda params: make_optimizer(
                 str(conf["optimizer"]), params, lr, float(conf["momentum"]), float(conf["weight-decay"])),
             grad_sample_mode=resolve_grad_sample_mode(str(cfg.defense.grad_sample_mode), cfg.model.name),
             generator=gen, loss_fn=training_loss(cfg))
     else:
-        state, loss, steps = plain_train(ws.model, x, y, conf, gen, cfg)
+        state, loss, steps = plain_train(model, x, y, conf, gen, cfg)
     if sends_nan(cfg, server_round, cid):  # a diverged client (faults.nan_update_rate)
         state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
     if budget is not None:

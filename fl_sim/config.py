@@ -40,6 +40,7 @@ class ModelConfig:
     width: int = 64
     hidden: List[int] = field(default_factory=lambda: [200, 200])
     activation: str = "relu"
+    lr: float = 0.05  # the clients' learning rate unless client.lr is set (conf/model/*.yaml: each model's)
 
 
 @dataclass
@@ -88,6 +89,8 @@ class AttackConfig:
     signed: bool = True  # Adam on the sign of the gradient (Geiping et al.)
     max_evaluations: int = 3000  # dlg / idlg: L-BFGS objective evaluations
     bins: int = 128  # imprint: number of bins of the imprint block
+    gain: float = 1e-7  # imprint: the block's first layer scaled down, its second up (attacks/imprint.py)
+    strength: float = 1e-2  # imprint: how far the block moves the input (x' = x + about this much)
     labels_known: bool = False  # threat model: the server knows the clients' labels
     seed: int = 0
     auxiliary_fraction: float = 0.0  # share of the training pool set aside as the attacker's own data

@@ -47,8 +47,12 @@ def save_grid(originals: np.ndarray, recs: np.ndarray, path: Path, title: str, m
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     k = min(len(originals), max_images)
-    fig, axes = plt.subplots(2, k, figsize=(1.2 * k + 0.4, 2.8), squeeze=False)
+    width = max(1.2 * k + 0.4, 3.6)  # a single image still leaves room for its title
+    title = textwrap.fill(title, max(30, int(width * 14)))  # about 14 characters an inch at 9 pt
+    fig, axes = plt.subplots(2, k, figsize=(width, 2.8 + 0.15 * title.count("\n")), squeeze=False)
     for j in range(k):
         for row, img in ((0, originals[j]), (1, recs[j])):
             ax = axes[row][j]
@@ -92,10 +96,14 @@ def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: s
         tag = "-".join(map(str, job.client)) if isinstance(job.client, list) else str(job.client)
         name = f"attack_round{job.server_round}_client{tag}.png"
         order = np.asarray(s["order"])
-        shown = np.argsort([-p for p in s["psnr"]])[:16] if len(y_true) > 16 else np.arange(len(y_true))
+        shown = np.arange(len(y_true))
+        if len(y_true) > 16:  # 16 spread over the ranking, best to worst: the picture is not the best few
+            ranked = np.argsort([-p for p in s["psnr"]], kind="stable")
+            shown = ranked[np.linspace(0, len(ranked) - 1, 16).round().astype(int)]
         save_grid(x_true[shown], recs[order[shown]], run_dir / name,
-                  f"{attack_name}, round {job.server_round}, client {tag}: PSNR {s['psnr_mean']:.2f} dB, "
-                  f"SSIM {s['ssim_mean']:.3f}" + (" (best 16 shown)" if len(y_true) > 16 else ""))
+                  f"{attack_name}, round {job.server_round}, client {tag}: mean PSNR {s['psnr_mean']:.2f} dB, "
+                  f"SSIM {s['ssim_mean']:.3f} over all {len(y_true)}" +
+                  (" (16 shown, from the best PSNR to the worst)" if len(y_true) > 16 else ""))
         entry["picture"] = name
     return entry
 

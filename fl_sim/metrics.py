@@ -21,7 +21,8 @@ def match(true: np.ndarray, rec: np.ndarray) -> np.ndarray:
 
     t = true.reshape(len(true), -1).astype(np.float64)
     r = rec.reshape(len(rec), -1).astype(np.float64)
-    cost = ((t[:, None, :] - r[None, :, :]) ** 2).mean(-1)
+    # |t - r|² = |t|² + |r|² - 2 t.r: memory of the (B, R) table only (imprint returns thousands of candidates)
+    cost = np.maximum((t ** 2).sum(1)[:, None] + (r ** 2).sum(1)[None, :] - 2.0 * t @ r.T, 0.0) / t.shape[1]
     rows, cols = linear_sum_assignment(cost)
     order = np.full(len(true), -1, dtype=np.int64)
     order[rows] = cols

@@ -93,10 +93,13 @@ class ConvNet(nn.Module):
         w = width
         widths = [input_shape[0], w, 2 * w, 2 * w, 4 * w, 4 * w, 4 * w, 4 * w, 4 * w]
         layers: list[nn.Module] = []
+        side = min(input_shape[1:])
         for i in range(8):
             layers += _conv_bn_relu(widths[i], widths[i + 1])
-            if i in (5, 7):
-                layers.append(nn.MaxPool2d(3))
+            if i in (5, 7):  # the paper's 3x3 pools (32 -> 10 -> 3); a map under 3 pixels (8x8 digits: 2) is
+                # kept as it is (an identity in the pool's place keeps the layers' names)
+                layers.append(nn.MaxPool2d(3) if side >= 3 else nn.Identity())
+                side = side // 3 if side >= 3 else side
         layers.append(nn.Flatten())
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(_flat_size(self.body, input_shape), num_classes)

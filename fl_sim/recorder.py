@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -20,8 +21,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fl_sim.report import write_report
+from fl_sim.validation import MALICIOUS_ATTACKS
 
 log = logging.getLogger("fl_sim")
+
+
+def loss_exploded(loss: float, num_classes: int) -> bool:
+    """A training loss that says the model diverged: non-finite, or above 4·ln(classes) (four times the
+    cross-entropy of a uniform guess; diverging runs measured here go from 11 to thousands)."""
+    return not math.isfinite(loss) or loss > 4 * math.log(max(num_classes, 2))
 
 
 def new_run_dir(parent: str | os.PathLike) -> Path:
@@ -75,6 +83,8 @@ class RunRecorder:
         self.network: dict | None = None  # what the run's Ray listens on and whom it lets in (fl_sim.network)
         self.devices: dict[str, set[str]] = {"server": set(), "clients": set(), "attacks": set()}  # where each ran
         self.summary: dict | None = None
+        self.warnings: list[str] = []  # what the user should know of a run that still completed
+        self._warned_loss: set[int] = set()
 
     # --- called while running
     def ran_on(self, party: str, *devices: str) -> None:
@@ -98,6 +108,20 @@ class RunRecorder:
                  entry["round"], self.cfg.num_rounds, len(entry["clients"]), train, entry["test_loss"],
                  entry["test_accuracy"], entry["seconds"], fails)
 
+    def client_losses(self, rnd: int, losses: dict[int, float], num_classes: int) -> None:
+        """One warning line per client, the first time its training loss is non-finite or explodes
+        (``loss_exploded``), naming the likely cause; the warnings go into summary.json too."""
+        for cid, loss in sorted(losses.items()):
+            if cid in self._warned_loss or not loss_exploded(loss, num_classes):
+                continue
+            self._warned_loss.add(cid)
+            lr = self.cfg.client.lr
+            text = (f"client {cid}'s training loss is {loss:.4g} in round {rnd} (a model that guesses has "
+                    f"{math.log(num_classes):.2f}): training diverges, most likely because client.lr={lr:g} is too "
+                    f"large for model={self.cfg.model.name}; lower it (e.g. client.lr={lr / 5:g}) or set model.lr")
+            self.warnings.append(text)
+            log.warning("%s", text)
+
     def attack(self, entry: dict) -> None:
         self.attacks.append(entry)
         if entry.get("device"):
@@ -118,9 +142,7 @@ class RunRecorder:
             log.info("attack %s round %d client %s (%d examples, observed %s):%s  (%.1f s)", entry["attack"],
                      entry["round"], entry["client"], entry["batch_size"], entry["observed"], labels, entry["seconds"])
             return
-        log.info("attack %s round %d client %s (%d examples): PSNR %.2f dB  SSIM %.3f%s  (%.1f s)", entry["attack"],
-                 entry["round"], entry["client"], entry["batch_size"], entry["psnr"], entry["ssim"], labels,
-                 entry["seconds"])
+        log.info("%s", attack_line(entry, labels))
 
     def simulation_finished(self) -> None:
         self.t_sim_end = time.perf_counter()
@@ -154,6 +176,7 @@ class RunRecorder:
             **({"model_inversion": self.model_inversion} if self.model_inversion is not None else {}),
             "network": self.network,
             "devices": {party: sorted(d) for party, d in self.devices.items()},
+            "warnings": self.warnings,
             "run_dir": str(self.run_dir.resolve()),
             "versions": _versions(),
         })
@@ -181,3 +204,19 @@ def cuda_devices() -> dict | None:
         return None
     n = torch.cuda.device_count()
     return {"count": n, "devices": [torch.cuda.get_device_name(i) for i in range(n)], "version": torch.version.cuda}
+
+
+def attack_line(entry: dict, labels: str = "") -> str:
+    """One line: who attacked, what it saw, what it got (mean PSNR over every example it targeted)."""
+    who = "the malicious server" if entry["attack"] in MALICIOUS_ATTACKS else "the honest-but-curious server"
+    client, n = entry["client"], entry["batch_size"]
+    seen = {"client_update": f"client {client}'s model update",
+            "aggregate": f"the aggregate of clients {client}",
+            "activations": f"client {client}'s activations"}.get(entry.get("observed"), f"client {client}")
+    per = entry.get("psnr_per_image") or []
+    over = f"all {n}" if len(per) in (0, n) else f"the {len(per)} of {n} it matched"  # fewer images than examples
+    good = f", {sum(p >= 20 for p in per)} of them at 20 dB or more" if per else ""
+    picture = f" -> {entry['picture']}" if entry.get("picture") else ""
+    return (f"attack {entry['attack']} round {entry['round']}: {who}, from {seen} ({n} training examples), "
+            f"reconstructed them at mean PSNR {entry['psnr']:.2f} dB over {over}{good}, SSIM {entry['ssim']:.3f}"
+            f"{labels}  ({entry['seconds']:.1f} s){picture}")

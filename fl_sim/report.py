@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fl_sim.validation import MALICIOUS_ATTACKS  # noqa: E402
+
 
 def _fmt(v, digits=4):
     if v is None:
@@ -95,7 +97,7 @@ def attacks_section(summary: dict) -> list[str]:
     u_shape = split and bool(summary["config"]["scenario"].get("head_layer"))
     labels = ("kept by the client (U-shape)" if u_shape else "sent with the activations") if split else \
         ("known to the server" if cfg["labels_known"] else "recovered by the attack")
-    out += [f"Attack `{cfg['name']}` by {'a malicious' if cfg['name'] in ('imprint', 'fsha') else 'an honest-but-curious'} "
+    out += [f"Attack `{cfg['name']}` by {'a malicious' if cfg['name'] in MALICIOUS_ATTACKS else 'an honest-but-curious'} "
             f"server on clients {cfg['target_clients'] or 'all sampled'}; labels {labels}. "
             "PSNR (dB) and SSIM on [0, 1] images after Hungarian matching of reconstructions to the client's "
             "examples; label accuracy over the label multiset. LPIPS is not computed (no local network weights).",

@@ -103,6 +103,31 @@ def _tame_logs(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _quiet_actor_shutdown() -> None:
+    """Flower ends a simulation by sending every client actor a ``terminate`` task that calls Ray's
+    ``exit_actor``. The actors being restartable (``backend.max_actor_restarts``) and their tasks retried
+    once, Ray's driver takes that intended exit for a failure and prints, for every actor,
+    "(raylet) Task ClientAppActor.terminate failed. There are 1 retries remaining ...". The run is over
+    by then: the pool's actors are killed instead (``ray.kill``, no restart), which prints nothing.
+    Imports Ray: call it after ``settle_ray_auth``."""
+    try:
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool  # the pool of Flower's RayBackend
+    except ImportError:  # another Flower layout: its own shutdown, noise included
+        return
+    flowers = getattr(BasicActorPool, "terminate_all_actors", None)
+    if flowers is None or getattr(flowers, "_fl_sim", False):
+        return  # not there, or already ours
+    import ray
+
+    def terminate_all_actors(self) -> None:
+        for actor in self.pool:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+
+    terminate_all_actors._fl_sim = True
+    BasicActorPool.terminate_all_actors = terminate_all_actors
+
+
 def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
     """What the model-inversion defenses change in every party's model and loss, for summary and report."""
     d, out = cfg.defense, []
@@ -183,6 +208,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = 
         else:
             recorder.network = {"ray": "local", "listen": LOOPBACK, "ray_auth": ray_auth_mode(), "dashboard": False}
         network = loopback_only() if on_this_machine_only(cfg.backend.ray_address) else contextlib.nullcontext()
+        _quiet_actor_shutdown()
         recorder.simulation_starting()
         with warnings.catch_warnings(), network:
             warnings.simplefilter("ignore", DeprecationWarning)

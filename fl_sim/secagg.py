@@ -18,10 +18,11 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Knowledge, Observation
+from attacks.imprint import ImprintedModel
 from fl_sim import checkpoint
 from fl_sim.attacking import attack_executor, attack_from_config
 from fl_sim.evaluator import evaluate_outcome
-from fl_sim.malicious import malicious_rewrite
+from fl_sim.malicious import malicious_rewrite, untamper
 from fl_sim.protocol import discover_clients, train_config
 from fl_sim.sampling import sample_clients
 from fl_sim.training import evaluate
@@ -70,6 +71,8 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         clients = sorted(client_of[n] for n in nodes)
         results = sorted(results, key=lambda r: int(r.metrics["partition-id"]))  # sums independent of arrival order
         recorder.ran_on("clients", *(str(r.metrics.get("device", "?")) for r in results))
+        recorder.client_losses(rnd, {int(r.metrics["partition-id"]): float(r.metrics["train_loss"]) for r in results},
+                               ws.data.num_classes)
         n_total = sum(int(r.num_examples) for r in results)
         rounds[rnd].update(trained=len(results), stragglers=sum(float(r.metrics.get("delay", 0)) > 0 for r in results),
                            train_loss=sum(
@@ -100,9 +103,12 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
             recorder.started()
             return None
         rnd += offset
-        final["model"] = as_sent(ndarrays)
-        ws.model.load_state_dict(final["model"])
-        test_loss, test_acc = evaluate(ws.model, x_test, y_test, cfg.eval_batch_size)
+        full = as_sent(ndarrays)
+        ws.model.load_state_dict(full)
+        final["model"] = untamper(full)  # the model's own arrays (a malicious block is the server's, not the model's)
+        # evaluated as the clients' model without the block, as without SecAgg+ (fl_sim.malicious)
+        model = ws.model.base if isinstance(ws.model, ImprintedModel) else ws.model
+        test_loss, test_acc = evaluate(model, x_test, y_test, cfg.eval_batch_size)
         r = rounds.get(rnd, {"t0": time.perf_counter(), "clients": [], "trained": 0, "train_loss": None,
                              "attack_seconds": 0.0})
         recorder.round(round=rnd, train_loss=r["train_loss"], test_loss=test_loss, test_accuracy=test_acc,

@@ -144,6 +144,8 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         if not ok:
             reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
             raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+        recorder.client_losses(rnd, {client_of.get(m.metadata.src_node_id, -1): float(m.content["metrics"]["train_loss"])
+                                     for m in ok if "train_loss" in m.content["metrics"]}, ws.data.num_classes)
         if ledger is not None:  # DP-SGD clients report their ε; those out of budget sent no model
             for m in ok:
                 ledger.observe(rnd, client_of.get(m.metadata.src_node_id, -1), m.content["privacy"])

@@ -26,6 +26,7 @@ ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint",
 SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha", "label_leakage")  # activations / cut gradients
 MODEL_ATTACKS = ("mi_face", "gmi", "kedmi", "plgmi", "deepinversion")  # model inversion of the trained model (observed: model)
 GAN_ATTACKS = ("gmi", "kedmi", "plgmi")  # model inversion with a GAN prior trained on the auxiliary data
+MALICIOUS_ATTACKS = ("imprint", "fsha")  # the server changes what it sends (the model; the split gradients)
 UPDATE_ATTACKS = ("dlg", "idlg", "inverting_gradients", "analytic", "imprint")  # a client's update, or the aggregate
 SCENARIOS = ("federated", "split")
 SPLIT_MODES = ("vanilla", "splitfed")
@@ -147,6 +148,8 @@ def validate(cfg: Any) -> None:
     _need(cfg.attack.restarts >= 1, f"attack.restarts must be at least 1 (got {cfg.attack.restarts})")
     _need(cfg.attack.max_evaluations >= 1, f"attack.max_evaluations must be at least 1 (got {cfg.attack.max_evaluations})")
     _need(cfg.attack.bins >= 2, f"attack.bins must be at least 2 (got {cfg.attack.bins})")
+    _need(cfg.attack.gain > 0, f"attack.gain must be > 0 (got {cfg.attack.gain:g})")
+    _need(cfg.attack.strength > 0, f"attack.strength must be > 0 (got {cfg.attack.strength:g})")
     _need(cfg.attack.workers >= 0, f"attack.workers must be >= 0 (got {cfg.attack.workers})")
     _need(cfg.attack.num_cpus > 0, f"attack.num_cpus must be > 0 (got {cfg.attack.num_cpus})")
     _need(cfg.attack.num_gpus >= 0, f"attack.num_gpus must be >= 0 (got {cfg.attack.num_gpus})")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -80,12 +80,25 @@ class AdversarialStrategy(Strategy):
         Rounds to attack in (None: every round).
     executor : callable (attack, jobs) -> outcomes
         How to run the round's attacks (default: sequentially here; fl_sim runs them as Ray tasks).
+    tamper : callable (state dict) -> state dict, or None
+        A malicious server's change to the model it sends a target in an attacked round (e.g. an imprint
+        block in front); the other clients get the model unchanged. The attack observes the target's
+        reply next to the tampered model.
+    untamper : callable (state dict) -> state dict, or None
+        What the server keeps of a target's reply to a tampered model before the inner strategy
+        aggregates it (the model's own arrays).
+    recipient_of : callable (Message) -> int
+        The client a message goes to (needed with ``tamper``).
     """
 
     def __init__(self, inner: Strategy, attack: Any, knowledge: Callable[..., Knowledge],
                  client_of: Callable[[Message], int], targets: set[int] | None = None,
                  rounds: set[int] | None = None,
-                 executor: Callable[[Any, list[AttackJob]], list[AttackOutcome]] = run_jobs_sequentially) -> None:
+                 executor: Callable[[Any, list[AttackJob]], list[AttackOutcome]] = run_jobs_sequentially,
+                 tamper: Callable[[dict], dict] | None = None, untamper: Callable[[dict], dict] | None = None,
+                 recipient_of: Callable[[Message], int] | None = None) -> None:
+        if tamper is not None and (untamper is None or recipient_of is None):
+            raise ValueError("tamper needs untamper and recipient_of")
         self.inner = inner
         self.attack = attack
         self.knowledge = knowledge
@@ -93,7 +106,9 @@ class AdversarialStrategy(Strategy):
         self.targets = targets
         self.rounds = rounds
         self.executor = executor
+        self.tamper, self.untamper, self.recipient_of = tamper, untamper, recipient_of
         self._sent: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        self._tampered: dict[int, dict[int, ArrayRecord]] = {}  # round -> client -> the model it was sent
         self._failed: dict[int, set[int]] = {}
         self.outcomes: list[AttackOutcome] = []
         self.skipped: list[dict] = []
@@ -112,16 +127,36 @@ class AdversarialStrategy(Strategy):
         if messages:
             first = messages[0].content
             self._sent[server_round] = (first["arrays"], first["config"])
+        if self.tamper is not None and self._attacks_in(server_round):
+            tampered = None
+            for i, m in enumerate(messages):
+                cid = self.recipient_of(m)
+                if self.targets is not None and cid not in self.targets:
+                    continue
+                if tampered is None:
+                    tampered = ArrayRecord(self.tamper(m.content["arrays"].to_torch_state_dict()))
+                # Flower's messages share one content: the target's gets its own
+                content = RecordDict({**dict(m.content.items()), "arrays": tampered})
+                messages[i] = Message(content=content, dst_node_id=m.metadata.dst_node_id,
+                                      message_type=m.metadata.message_type)
+                self._tampered.setdefault(server_round, {})[cid] = tampered
         return messages
+
+    def _attacks_in(self, server_round: int) -> bool:
+        return self.rounds is None or server_round in self.rounds
 
     # --- what the server receives: observed, attacked, delegated
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if self.rounds is None or server_round in self.rounds:
+        if self._attacks_in(server_round):
             jobs = self.observe(server_round, replies)
             if jobs:
                 self.outcomes += self.executor(self.attack, jobs)
+        tampered = self._tampered.pop(server_round, {})
+        for m in replies:  # the inner strategy aggregates the model's own arrays of a tampered reply
+            if not m.has_error() and self.client_of(m) in tampered:
+                m.content["arrays"] = ArrayRecord(self.untamper(m.content["arrays"].to_torch_state_dict()))
         self._sent.pop(server_round, None)
         self._failed.pop(server_round, None)
         return self.inner.aggregate_train(server_round, replies)
@@ -133,6 +168,7 @@ class AdversarialStrategy(Strategy):
     def observe(self, server_round: int, replies: list[Message]) -> list[AttackJob]:
         sent_arrays, sent_config = self._sent[server_round]
         before = sent_arrays.to_torch_state_dict()
+        tampered = self._tampered.get(server_round, {})
         ok = {self.client_of(m): m for m in replies if not m.has_error()}
         failed = {self.client_of(m) for m in replies if m.has_error()} | self._failed.get(server_round, set())
         wanted = set(ok) | failed if self.targets is None else set(self.targets)
@@ -144,9 +180,11 @@ class AdversarialStrategy(Strategy):
             if cid not in ok:
                 continue  # not sampled this round
             reply = ok[cid]
-            obs = Observation(before, reply.content["arrays"].to_torch_state_dict(), kind="client_update")
+            sent = tampered.get(cid, sent_arrays)
+            obs = Observation(before if sent is sent_arrays else sent.to_torch_state_dict(),
+                              reply.content["arrays"].to_torch_state_dict(), kind="client_update")
             jobs.append(AttackJob(server_round, cid, "client_update", obs,
-                                  self.knowledge(server_round, sent_arrays, sent_config, reply)))
+                                  self.knowledge(server_round, sent, sent_config, reply)))
         return jobs
 
     # --- evaluation: unchanged

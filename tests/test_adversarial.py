@@ -75,6 +75,46 @@ def test_wrapper_observes_each_targeted_reply_and_delegates_aggregation_unchange
     assert [(o.job.server_round, o.job.client) for o in outcomes] == [(1, 102)] and adv.take_outcomes() == []
 
 
+def test_a_malicious_server_tampers_with_the_targets_model_only_and_aggregates_the_models_own_arrays():
+    """tamper: the target is sent the changed model (an extra array here), the others the model as it is;
+    the attack sees the target's reply next to what it was sent; the inner strategy aggregates the
+    model's own arrays of every reply, so the global model keeps its architecture."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    sent = ArrayRecord({k: v.clone() for k, v in model.state_dict().items()})
+    spy = SpyAttack()
+
+    def tamper(state):
+        return {"block.w": torch.full((2,), 7.0), **{"base." + k: v for k, v in state.items()}}
+
+    def untamper(state):
+        return {k[5:]: v for k, v in state.items() if k.startswith("base.")}
+
+    adv = AdversarialStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=0, min_train_nodes=1), spy,
+                              lambda rnd, arrays, config, reply: Knowledge(model, (1, 2, 2), 3),
+                              client_of=lambda m: m.metadata.src_node_id, targets={102}, rounds={2},
+                              tamper=tamper, untamper=untamper, recipient_of=lambda m: m.metadata.dst_node_id)
+    for rnd in (1, 2):  # round 1 is not attacked: nobody's model is changed
+        msgs = list(adv.configure_train(rnd, sent, ConfigRecord({"lr": 0.1}), FakeGrid([101, 102])))
+        got = {m.metadata.dst_node_id: m.content["arrays"].to_torch_state_dict() for m in msgs}
+        assert set(got[101]) == set(model.state_dict())
+        assert set(got[102]) == (set(model.state_dict()) if rnd == 1 else
+                                 {"block.w"} | {"base." + k for k in model.state_dict()})
+        replies = []
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            local = {k: v + node for k, v in got[node].items()}
+            replies.append(Message(content=RecordDict({"arrays": ArrayRecord(local),
+                                                       "metrics": MetricRecord({"num-examples": 1})}), reply_to=m))
+        agg, _ = adv.aggregate_train(rnd, replies)
+        assert set(agg) == set(model.state_dict())  # the honest architecture
+        for k, v in model.state_dict().items():
+            np.testing.assert_allclose(agg[k].numpy(), (v + 101.5).numpy(), rtol=1e-6)
+    (obs, _), = spy.calls  # round 2's target
+    assert torch.equal(obs.before["block.w"], torch.full((2,), 7.0))
+    assert torch.equal(obs.after["block.w"], torch.full((2,), 109.0))
+
+
 def test_wrapper_skips_a_target_that_failed_and_says_so():
     model = torch.nn.Linear(2, 2)
     adv = AdversarialStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=0, min_train_nodes=1),

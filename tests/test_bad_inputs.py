@@ -116,10 +116,10 @@ FILE_CASES = {  # name: (how to build the overrides in tmp_path, fragment of the
     "idx_test_images_of_another_size": (lambda t: mnist(t, lambda r: (
         _idx(r / "t10k-images-idx3-ubyte", np.zeros((4, 20, 20))), _idx(r / "t10k-labels-idx1-ubyte", np.arange(4)))),
         "t10k-images-idx3-ubyte holds 20x20 images"),
-    "idx_images_too_small_for_the_model": (lambda t: ["dataset=mnist_idx", "model=convnet", "model.width=4",
+    "idx_images_too_small_for_the_model": (lambda t: ["dataset=mnist_idx", "model=cnn", "model.hidden=[8]",
                                                       f"dataset.path={_mnist_folder(t / 'tiny', size=2)}",
                                                       "num_clients=2", "attack=none"],
-                                           "model=convnet does not fit inputs of shape 1x2x2"),
+                                           "model=cnn does not fit inputs of shape 1x2x2"),
     "data_path_missing": (lambda t: ["dataset=mnist_idx", f"dataset.path={t / 'nowhere'}", "attack=none"],
                           "dataset.path=" ),
     "data_path_not_given": (lambda t: ["dataset=cifar_pickle", "attack=none"], "dataset.path"),

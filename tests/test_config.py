@@ -10,12 +10,18 @@ from fl_sim.config import ConfigError
 from fl_sim.validation import validate
 
 
-def test_default_config_is_cnn_on_mnist_10_clients_3_rounds_with_a_short_attack(compose):
+def test_default_config_is_cnn_on_mnist_10_clients_5_rounds_with_a_malicious_server_robbing_client_0(compose):
     cfg = compose()
-    assert (cfg.dataset.name, cfg.model.name, cfg.num_clients, cfg.num_rounds) == ("mnist", "cnn", 10, 3)
-    assert cfg.strategy.name == "fedavg" and cfg.defense.name == "none"
-    assert (cfg.attack.name, cfg.attack.iterations, list(cfg.attack.target_clients)) == ("inverting_gradients", 20, [0])
+    assert (cfg.dataset.name, cfg.model.name, cfg.num_clients, cfg.num_rounds) == ("mnist", "cnn", 10, 5)
+    assert cfg.strategy.name == "fedavg" and cfg.defense.name == "none" and cfg.client.local_epochs == 3
+    a = cfg.attack
+    assert (a.name, a.bins, a.gain, list(a.target_clients), list(a.rounds)) == ("imprint", 4096, 0.03, [0], [1])
+    assert compose(["attack=imprint"]).attack.gain == 1e-7  # the one-step / SecAgg+ setting keeps its own
+    assert compose(["attack=inverting_gradients_short"]).attack.iterations == 20
     assert compose(["attack=inverting_gradients"]).attack.iterations == 1000  # the full attack keeps its default
+    # the learning rate is the model's unless set
+    assert cfg.client.lr == cfg.model.lr == 0.1 and compose(["model=mlp"]).client.lr == 0.05
+    assert compose(["client.lr=0.01"]).client.lr == 0.01
     validate(cfg)
 
 
@@ -46,7 +52,7 @@ def test_every_documented_group_option_composes(compose, group, options):
     ("client.optimizer=lbfgs", "client.optimizer='lbfgs' is not known"),
     ("strategy.min_train_clients=11", "strategy.min_train_clients=11 exceeds num_clients=10"),
     ("attack.target_clients=[10]", r"attack.target_clients=\[10\]: \[10\] are not clients \(clients are 0..9\)"),
-    ("attack.rounds=[4]", r"attack.rounds=\[4\]: \[4\] are not rounds"),
+    ("attack.rounds=[6]", r"attack.rounds=\[6\]: \[6\] are not rounds"),
     ("attack.iterations=0", "attack.iterations must be at least 1"),
     ("attack.workers=-1", "attack.workers must be >= 0"),
     ("attack=analytic", "attack=analytic needs a model whose first layer is fully connected; use model=mlp"),

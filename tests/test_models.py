@@ -34,8 +34,18 @@ def test_resnet18_cifar_form_has_11m_parameters():
 
 
 def test_model_that_cannot_take_the_input_size_says_so():
-    with pytest.raises(ValueError, match="model=convnet does not fit inputs of shape 1x8x8"):
-        build_model("convnet", (1, 8, 8), 10, width=4)
+    with pytest.raises(ValueError, match="model=cnn does not fit inputs of shape 1x2x2"):
+        build_model("cnn", (1, 2, 2), 10, hidden=(8,))
+
+
+def test_convnet_keeps_its_pools_where_they_fit_and_takes_8x8_digits():
+    """The paper's two 3x3 pools on CIFAR (32 -> 10 -> 3, a 2,304-wide head at width 64); on 8x8 digits the
+    second pool would leave nothing (2 -> 0) and is an identity: the layers keep their names."""
+    cifar = build_model("convnet", (3, 32, 32), 10, width=64)
+    digits = build_model("convnet", (1, 8, 8), 10, width=4)
+    assert cifar.fc.in_features == 2304 and digits.fc.in_features == 16 * 2 * 2
+    assert isinstance(cifar.body[25], torch.nn.MaxPool2d) and isinstance(digits.body[25], torch.nn.Identity)
+    assert digits(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_same_seed_same_initial_weights():

@@ -8,7 +8,7 @@ from fl_sim.config import ConfigError
 from fl_sim.validation import validate
 from fl_sim.runner import run
 
-SPLIT = ["dataset=digits", "scenario=split", "client.lr=0.1", "attack=none"]
+SPLIT = ["dataset=digits", "scenario=split", "client.lr=0.1", "client.local_epochs=1", "attack=none"]
 
 
 @pytest.mark.e2e

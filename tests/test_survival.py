@@ -16,7 +16,8 @@ from fl_sim import checkpoint
 from fl_sim.config import ConfigError
 from fl_sim.runner import run
 
-TINY = ["dataset=digits", "model=mlp", "model.hidden=[32]", "client.lr=0.1", "attack=none"]
+TINY = ["dataset=digits", "model=mlp", "model.hidden=[32]", "client.lr=0.1", "client.local_epochs=1",
+        "attack=none"]
 TIMING = {"seconds", "attack_seconds"}
 
 
