@@ -88,7 +88,7 @@ class BatchNormPrior:
     def _hook(self, module, inputs, output):
         x = inputs[0]
         dims = [0] + list(range(2, x.dim()))
-        self.seen.append((x.mean(dims), x.var(dims, unbiased=False)))
+        self.seen.append((x.mean(dims), x.var(dims, unbiased=True)))  # as BatchNorm's running_var records it
 
     def reset(self) -> None:
         self.seen = []

@@ -6,6 +6,7 @@ process), and the ``AdversarialStrategy`` around the run's strategy. Scoring is 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -27,9 +28,9 @@ def attack_from_config(a: DictConfig):
     """The attack object with its config's hyper-parameters (explicitly, per attack)."""
     if a.name == "inverting_gradients":
         return make_attack("inverting_gradients", iterations=a.iterations, restarts=a.restarts, lr=a.lr, tv=a.tv,
-                           bn_prior=a.bn_prior, signed=a.signed, seed=a.seed)
+                           bn_prior=a.bn_prior, signed=a.signed, train_mode=a.bn_mode == "train", seed=a.seed)
     if a.name in ("dlg", "idlg"):
-        return make_attack(a.name, max_evaluations=a.max_evaluations, seed=a.seed)
+        return make_attack(a.name, max_evaluations=a.max_evaluations, train_mode=a.bn_mode == "train", seed=a.seed)
     if a.name in ("analytic", "imprint"):
         return make_attack(a.name)
     if a.name == "rmle":
@@ -92,18 +93,33 @@ def run_on(device: str, jobs: list[AttackJob], run) -> list[AttackOutcome]:
     return out
 
 
-def _run_job_in_worker(attack, job: AttackJob, threads: int, device: str = "cpu", gpus: float = 0.0,
-                       queue=None) -> AttackOutcome:
-    """A Ray task: one attack with ``threads`` threads on the device this worker resolves (``device``:
-    auto, cpu, cuda, cuda:N; a GPU only when Ray assigned ``gpus`` > 0 of one, the rule clients follow),
-    progress sent back through ``queue``."""
-    torch.set_num_threads(threads)
+def attack_threads(num_cpus: float | None, free_cpus: int, parallel: int) -> int:
+    """Threads of one attack: ``attack.num_cpus`` when set; otherwise the CPUs free while the round's attacks
+    run, shared by the attacks that run at once. Rounds are synchronous: the client actors wait for the next
+    round while the server attacks, so their CPUs are free then."""
+    if num_cpus is not None:
+        return max(1, int(num_cpus))
+    return max(1, int(free_cpus) // max(1, int(parallel)))
+
+
+def machine_cpus(cfg: DictConfig) -> int:
+    """The CPUs of this machine that the run may use: ``backend.num_cpus``, else all of them."""
+    return int(cfg.backend.num_cpus) if cfg.backend.num_cpus is not None else (os.cpu_count() or 1)
+
+
+def _run_job_in_worker(attack, job: AttackJob, threads: int | None, device: str = "cpu", gpus: float = 0.0,
+                       queue=None, parallel: int = 1) -> AttackOutcome:
+    """A Ray task: one attack with ``threads`` threads (None: this node's CPUs shared by the ``parallel``
+    attacks of the round) on the device this worker resolves (``device``: auto, cpu, cuda, cuda:N; a GPU
+    only when Ray assigned ``gpus`` > 0 of one, the rule clients follow), progress sent back through ``queue``."""
+    torch.set_num_threads(threads or attack_threads(None, os.cpu_count() or 1, parallel))
     progress = None if queue is None else (lambda j, it, loss: queue.put_nowait((j.server_round, j.client, it, loss)))
     try:
         here = str(resolve_device(device, gpu_assigned=gpus > 0))
     except ValueError as e:
         return AttackOutcome(job, None, 0.0, error=str(e))
     outcome = run_on(here, [job], lambda js: run_jobs_sequentially(attack, js, progress=progress))[0]
+    outcome.extra["threads"] = torch.get_num_threads()
     if gpus > 0:
         import ray
 
@@ -118,10 +134,12 @@ def attack_task_options(gpus: float) -> dict:
     return {"num_cpus": 0, "num_gpus": float(gpus), "resources": {ATTACK_RESOURCE: 1}, "max_retries": 0}
 
 
-def ray_executor(workers: int, threads: int, device: str = "cpu", gpus: float = 0.0, fallback=None):
+def ray_executor(workers: int, threads: int | None, device: str = "cpu", gpus: float = 0.0, fallback=None,
+                 free_cpus: int | None = None):
     """Run a round's attacks as Ray tasks, ``workers`` at a time, each holding one unit of the
     ``fl_sim_attack`` resource reserved at Ray start (the client actors keep their CPUs) and ``gpus`` of a
-    GPU; progress (iterations, matching loss) comes back through a Ray queue. When the client actors hold
+    GPU, with ``threads`` threads each (None: ``free_cpus`` shared by the attacks running at once, or, on a
+    cluster, the CPUs of the task's node; ``attack_threads``); progress (iterations, matching loss) comes back through a Ray queue. When the client actors hold
     so much of the GPUs that no attack task fits (they keep theirs for the whole run), the round's attacks
     run in ``fallback`` (the server process) instead of waiting forever."""
 
@@ -139,9 +157,12 @@ def ray_executor(workers: int, threads: int, device: str = "cpu", gpus: float = 
         try:
             task = ray.remote(_run_job_in_worker).options(**attack_task_options(gpus))
             attack_ref = ray.put(attack)
-            pending = [task.remote(attack_ref, job, threads, device, gpus, queue) for job in jobs]
-            log.info("round %d: attacking clients %s with %s (%d in parallel)", jobs[0].server_round,
-                     [j.client for j in jobs], getattr(attack, "name", attack), min(workers, len(jobs)))
+            parallel = min(workers, len(jobs))
+            n = threads if threads is not None or free_cpus is None else attack_threads(None, free_cpus, parallel)
+            pending = [task.remote(attack_ref, job, n, device, gpus, queue, parallel) for job in jobs]
+            log.info("round %d: attacking clients %s with %s (%d in parallel%s)", jobs[0].server_round,
+                     [j.client for j in jobs], getattr(attack, "name", attack), parallel,
+                     f", {n} threads each" if n is not None else "")
             while True:
                 _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=2.0)
                 try:
@@ -171,18 +192,21 @@ def _log_progress(job: AttackJob, it: int, loss: float) -> None:
 
 
 def local_executor(threads: int, device: str = "cpu"):
-    """Attacks one after the other in the server process, with ``threads`` threads like a worker, on
-    the server's own ``device``."""
+    """Attacks one after the other in the server process, with ``threads`` threads, on the server's own
+    ``device``."""
 
     def execute(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
-        log.info("round %d: attacking clients %s with %s (in the server process, %s)", jobs[0].server_round,
-                 [j.client for j in jobs], getattr(attack, "name", attack), device)
+        log.info("round %d: attacking clients %s with %s (in the server process, %s, %d threads)",
+                 jobs[0].server_round, [j.client for j in jobs], getattr(attack, "name", attack), device, threads)
         saved = torch.get_num_threads()
-        torch.set_num_threads(threads)  # the same thread count as an attack worker: same floating point
+        torch.set_num_threads(threads)
         try:
-            return run_on(device, jobs, lambda js: run_jobs_sequentially(attack, js, progress=_log_progress))
+            out = run_on(device, jobs, lambda js: run_jobs_sequentially(attack, js, progress=_log_progress))
         finally:
             torch.set_num_threads(saved)
+        for o in out:
+            o.extra["threads"] = threads
+        return out
 
     return execute
 
@@ -192,12 +216,19 @@ def server_device(cfg: DictConfig) -> str:
     return str(resolve_device(str(cfg.device)))
 
 
+def _local(cfg: DictConfig):
+    """Attacks in the server process, one at a time: ``attack.num_cpus`` threads, or the machine's CPUs."""
+    return local_executor(attack_threads(cfg.attack.num_cpus, machine_cpus(cfg), 1), server_device(cfg))
+
+
 def executor_from_config(cfg: DictConfig):
     a = cfg.attack
-    local = local_executor(max(1, int(a.num_cpus)), server_device(cfg))
+    local = _local(cfg)
     if a.workers <= 0:
         return local
-    return ray_executor(a.workers, max(1, int(a.num_cpus)), str(cfg.device), float(a.num_gpus), fallback=local)
+    threads = None if a.num_cpus is None else attack_threads(a.num_cpus, 0, 1)
+    free = machine_cpus(cfg) if cfg.backend.ray_address is None else None  # a cluster: each task's node's CPUs
+    return ray_executor(a.workers, threads, str(cfg.device), float(a.num_gpus), fallback=local, free_cpus=free)
 
 
 def attack_executor(cfg: DictConfig):
@@ -211,7 +242,7 @@ def attack_executor(cfg: DictConfig):
             log.warning("the Ray cluster has no '%s' resource: attacks run in the server process "
                         "(start Ray nodes with --resources='{\"%s\": N}' to run them in parallel)",
                         ATTACK_RESOURCE, ATTACK_RESOURCE)
-            executor = local_executor(max(1, int(a.num_cpus)), server_device(cfg))
+            executor = _local(cfg)
     return executor
 
 

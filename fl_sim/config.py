@@ -85,7 +85,9 @@ class AttackConfig:
     restarts: int = 1
     lr: float = 0.1
     tv: float = 1e-4  # weight of total variation
-    bn_prior: float = 0.0  # weight of GradInversion's BatchNorm statistics term
+    bn_prior: float = 0.0  # weight of GradInversion's BatchNorm statistics term (targets from the update's running stats)
+    bn_mode: str = "train"  # BatchNorm as the attacker replays the client's training: train (what the simulated
+    # clients do: batch statistics) | eval (running statistics, breaching's reference setting)
     signed: bool = True  # Adam on the sign of the gradient (Geiping et al.)
     max_evaluations: int = 3000  # dlg / idlg: L-BFGS objective evaluations
     bins: int = 128  # imprint: number of bins of the imprint block
@@ -98,7 +100,7 @@ class AttackConfig:
     scoring: str = "direction"  # label_leakage: direction | norm (binary tasks)
     batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
-    num_cpus: float = 1.0  # threads of each attack worker
+    num_cpus: Optional[float] = None  # threads of each attack (None: the CPUs free while the round's attacks run, shared)
     num_gpus: float = 0.0  # GPU share of each attack worker (Ray; 0.25 puts four on one GPU); device= picks it
     # model inversion of a trained model (mi_face, gmi, deepinversion): observed "model"
     on: str = "final"  # which model is attacked: final (the global model after the last round)

@@ -77,6 +77,7 @@ def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: s
              "batch_size": int(len(y_true)), "psnr": None, "ssim": None, "label_accuracy": None,
              "iterations": 0, "evaluations": 0, "seconds": outcome.seconds,
              "device": str(outcome.extra.get("device", job.knowledge.device)),  # where the attack computed
+             **({"threads": outcome.extra["threads"]} if "threads" in outcome.extra else {}),  # its torch threads
              **({"gpu_ids": outcome.extra["gpu_ids"]} if "gpu_ids" in outcome.extra else {})}  # Ray's GPUs for it
     rec = outcome.reconstruction
     if rec is None:

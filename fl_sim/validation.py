@@ -151,7 +151,9 @@ def validate(cfg: Any) -> None:
     _need(cfg.attack.gain > 0, f"attack.gain must be > 0 (got {cfg.attack.gain:g})")
     _need(cfg.attack.strength > 0, f"attack.strength must be > 0 (got {cfg.attack.strength:g})")
     _need(cfg.attack.workers >= 0, f"attack.workers must be >= 0 (got {cfg.attack.workers})")
-    _need(cfg.attack.num_cpus > 0, f"attack.num_cpus must be > 0 (got {cfg.attack.num_cpus})")
+    _need(cfg.attack.bn_mode in ("train", "eval"),
+          f"attack.bn_mode must be train or eval (got {cfg.attack.bn_mode!r}): how the client's BatchNorm ran")
+    _need(cfg.attack.num_cpus is None or cfg.attack.num_cpus > 0, f"attack.num_cpus must be > 0 (got {cfg.attack.num_cpus})")
     _need(cfg.attack.num_gpus >= 0, f"attack.num_gpus must be >= 0 (got {cfg.attack.num_gpus})")
     _need(cfg.attack.num_gpus == 0 or str(cfg.device) != "cpu",
           f"attack.num_gpus={cfg.attack.num_gpus:g} with device=cpu: the attack workers would hold GPUs they do not "

@@ -182,3 +182,36 @@ def test_batch_label_counts_from_a_multi_step_fedavg_update(digits):
         hits += score(xb.numpy(), xb.numpy(), yb.numpy(), rec.numpy())["label_accuracy"] * 16
         total += 16
     assert hits / total >= 0.8, hits / total
+
+
+def test_the_batchnorm_prior_gets_the_clients_exact_batch_statistics_from_a_one_step_update():
+    """running_new = (1 - m)·running_old + m·batch_stat: after one local step the update gives every BatchNorm
+    layer's batch mean and (unbiased) variance exactly, so the prior is zero at the client's true input and
+    not at another."""
+    from attacks.matching import BatchNormPrior, batchnorm_targets
+
+    torch.manual_seed(0)
+    model = build_model("convnet", (3, 32, 32), 10, width=4)
+    x, y = torch.randn(1, 3, 32, 32), torch.tensor([3])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    client = build_model("convnet", (3, 32, 32), 10, width=4)
+    client.load_state_dict(before)
+    local_train(client, x, y, epochs=1, batch_size=1, lr=0.005, generator=torch.Generator().manual_seed(0))
+    targets = batchnorm_targets(model, Observation(before, client.state_dict()), 1)
+    prior = BatchNormPrior(model.train(), targets)
+    losses = []
+    for candidate in (x, torch.randn(1, 3, 32, 32)):
+        prior.reset()
+        with torch.no_grad():
+            model(candidate)
+        losses.append(float(prior.loss()))
+    prior.remove()
+    assert len(targets) == 8 and losses[0] < 1e-3 < 0.1 < losses[1]
+
+
+def test_attack_bn_mode_sets_how_the_replay_runs_batchnorm(compose):
+    from fl_sim.attacking import attack_from_config
+
+    for mode, train in (("train", True), ("eval", False)):
+        for name in ("inverting_gradients", "dlg", "idlg"):
+            assert attack_from_config(compose([f"attack={name}", f"attack.bn_mode={mode}"]).attack).train_mode is train

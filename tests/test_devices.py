@@ -70,6 +70,20 @@ def test_attacks_in_the_server_process_use_the_servers_device():
     assert attack.devices == ["cpu", "cpu"] and [o.extra["device"] for o in out] == ["cpu", "cpu"]
 
 
+def test_an_attack_uses_the_cpus_the_idle_clients_leave_and_parallel_attacks_share_them(compose):
+    """attack.num_cpus unset: a lone attack takes every CPU of the run (the clients wait for the next round
+    while the server attacks), attacks running at once split them; attack.num_cpus=N is N threads."""
+    from fl_sim.attacking import attack_threads, executor_from_config
+
+    assert [attack_threads(None, 2, k) for k in (1, 2, 3)] == [2, 1, 1]
+    assert attack_threads(None, 16, 3) == 5 and attack_threads(3, 2, 2) == 3 and attack_threads(0.5, 8, 1) == 1
+    saved = torch.get_num_threads()
+    for overrides, threads in ((["backend.num_cpus=3"], 3), (["backend.num_cpus=3", "attack.num_cpus=1"], 1)):
+        cfg = compose(["attack.workers=0", "device=cpu", *overrides])
+        out = executor_from_config(cfg)(WhereAttack(), [job(0)])
+        assert out[0].extra["threads"] == threads and torch.get_num_threads() == saved
+
+
 def test_attacks_run_in_the_server_process_when_the_client_actors_leave_too_little_gpu(monkeypatch, caplog):
     """Client actors hold their GPU share for the whole run: an attack task asking for more than is left
     would wait forever. The round's attacks run in the server process instead, with one warning."""

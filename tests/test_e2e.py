@@ -110,6 +110,7 @@ def test_attack_inside_the_simulation_writes_entries_and_pictures(compose, tmp_p
     assert s["timing"]["attack_seconds"] > 0
     assert "attack_round1_client0.png" in (tmp_path / "report.md").read_text()
     assert all(a["gpu_ids"] == ["0"] for a in entries)  # Ray gave each attack task its share of GPU 0
+    assert all(a["threads"] == max(1, (os.cpu_count() or 1) // 2) for a in entries)  # two at once share the CPUs
     want = "cuda" if torch.cuda.is_available() else "cpu"  # device=auto: the GPU when torch sees one
     assert {a["device"] for a in entries} == {want} and s["devices"]["attacks"] == [want]
     assert s["devices"]["clients"] == ["cpu"] and s["devices"]["server"] == [want]
