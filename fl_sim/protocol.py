@@ -29,38 +29,42 @@ class ClientsMissing(RuntimeError):
     """The federation does not hold the ``num_clients`` clients the config asks for: the run cannot start."""
 
 
-def _federation_size(grid: Grid, node_id: int, timeout: float) -> int | None:
-    """How many partitions the node's federation has (its node config's ``num-partitions``), asked of one
-    node; None when it does not say."""
-    msg = Message(RecordDict(), dst_node_id=node_id, message_type="query")
-    for reply in grid.send_and_receive([msg], timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"client discovery failed: {reply.error.reason}")
-        size = int(reply.content["client"].get("num-partitions", -1))
-        return size if size > 0 else None
-    return None
+def _size_of(reply: Message) -> int | None:
+    """The federation size a discovery reply states (its node config's ``num-partitions``); None: unsaid."""
+    if reply.has_error():
+        raise RuntimeError(f"client discovery failed: {reply.error.reason}")
+    size = int(reply.content["client"].get("num-partitions", -1))
+    return size if size > 0 else None
+
+
+def _refuse_other_size(size: int | None, k: int) -> None:
+    if size is not None and size != k:
+        raise ClientsMissing(
+            f"the federation has {size} SuperNodes but num_clients={k}: give it {k} (simulation: "
+            f"`flwr federation simulation-config @none/default local --num-supernodes {k}`; deployment: {k} "
+            f"SuperNodes with --node-config 'partition-id=I num-partitions={k}') or run with num_clients={size}")
 
 
 def discover_clients(grid: Grid, cfg: DictConfig) -> dict[int, int]:
     """Ask every node which client (partition) it is; return {client id: node id}.
 
-    The first node to connect also says how many partitions its federation has: a federation of another
-    size than ``num_clients`` (``flwr run`` with too few or too many SuperNodes) is refused at once, with
-    both numbers and the command that fixes it. Otherwise the server waits ``backend.connect_timeout``
-    seconds (not the round timeout) for ``num_clients`` nodes to register; fewer fail the run with one
-    line. Answering the query, a client loads its data: that is work, bounded by ``round_timeout``."""
+    Every reply also says how many partitions the node's federation has: a federation of another size
+    than ``num_clients`` (``flwr run`` with too few or too many SuperNodes) is refused at once, with both
+    numbers and the command that fixes it. When all ``num_clients`` nodes are there at the first look (a
+    simulation registers them all before the server starts), they are asked together, so that every
+    client actor loads its data at the same time. Otherwise the first node to connect is asked alone,
+    so that a federation of another size fails at once, and the server waits ``backend.connect_timeout``
+    seconds (not the round timeout) for the others; fewer fail the run with one line. Answering the
+    query, a client loads its data: that is work, bounded by ``round_timeout``."""
     k, timeout = int(cfg.num_clients), float(cfg.backend.connect_timeout)
     deadline, probed = time.monotonic() + timeout, False
-    while len(node_ids := list(grid.get_node_ids())) < k or not probed:
+    while len(node_ids := list(grid.get_node_ids())) < k:
         if node_ids and not probed:
             probed, asked = True, time.monotonic()
-            size = _federation_size(grid, node_ids[0], float(cfg.round_timeout))  # it loads its data first
+            probe = Message(RecordDict(), dst_node_id=node_ids[0], message_type="query")
+            for reply in grid.send_and_receive([probe], timeout=float(cfg.round_timeout)):  # it loads its data
+                _refuse_other_size(_size_of(reply), k)
             deadline += time.monotonic() - asked  # the wait for the others starts now
-            if size is not None and size != k:
-                raise ClientsMissing(
-                    f"the federation has {size} SuperNodes but num_clients={k}: give it {k} (simulation: "
-                    f"`flwr federation simulation-config @none/default local --num-supernodes {k}`; deployment: {k} "
-                    f"SuperNodes with --node-config 'partition-id=I num-partitions={k}') or run with num_clients={size}")
             continue
         if time.monotonic() > deadline:
             cause = ("no SuperNode connected: is the federation's runtime up?" if not node_ids else
@@ -71,8 +75,7 @@ def discover_clients(grid: Grid, cfg: DictConfig) -> dict[int, int]:
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
     node_of: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=float(cfg.round_timeout)):  # each loads its data first
-        if reply.has_error():
-            raise RuntimeError(f"client discovery failed: {reply.error.reason}")
+        _refuse_other_size(_size_of(reply), k)
         node_of[int(reply.content["client"]["partition-id"])] = reply.metadata.src_node_id
     missing = sorted(set(range(k)) - set(node_of))
     if missing:

@@ -35,6 +35,7 @@ class FakeGrid:
         return list(range(100, 100 + n))
 
     def send_and_receive(self, messages, timeout=None):
+        self.calls = getattr(self, "calls", []) + [len(messages)]
         out = []
         for m in messages:
             reply = Message(RecordDict({"client": ConfigRecord(
@@ -45,7 +46,17 @@ class FakeGrid:
 
 def test_discovery_maps_each_partition_to_its_node(compose):
     cfg = compose(["num_clients=4"])
-    assert discover_clients(FakeGrid(partitions=4, nodes=4), cfg) == {0: 100, 1: 101, 2: 102, 3: 103}
+    grid = FakeGrid(partitions=4, nodes=4)
+    assert discover_clients(grid, cfg) == {0: 100, 1: 101, 2: 102, 3: 103}
+    # all there at the first look (a simulation): asked together, so every actor loads its data at once
+    assert grid.calls == [4]
+
+
+def test_nodes_still_arriving_are_probed_once_then_all_asked(compose):
+    cfg = compose(["num_clients=3", "backend.connect_timeout=10"])
+    grid = FakeGrid(partitions=3, nodes=3, arrive_every=0.2)
+    assert len(discover_clients(grid, cfg)) == 3
+    assert grid.calls == [1, 3]
 
 
 @pytest.mark.parametrize("nodes", [2, 12])
