@@ -105,7 +105,8 @@ def save(run_dir: Path, *, server_round: int, config: dict, model: dict[str, tor
         "strategy": strategy_state(strategy) if strategy is not None else [],
         "rng": json.dumps(rng.bit_generator.state) if rng is not None else "",
         "recorder": json.dumps({"rounds": recorder.rounds, "attacks": recorder.attacks,
-                                "attacks_skipped": recorder.skipped_attacks, "privacy": recorder.privacy},
+                                "attacks_skipped": recorder.skipped_attacks, "privacy": recorder.privacy,
+                                "model_inversion": getattr(recorder, "model_inversion", None)},
                                default=json_default) if recorder is not None else "",
         "state": json.dumps(state or {}, default=json_default),
     }
@@ -144,3 +145,4 @@ def restore_recorder(recorder: Any, saved: dict) -> None:
     recorder.attacks = list(saved.get("attacks", []))
     recorder.skipped_attacks = list(saved.get("attacks_skipped", []))
     recorder.privacy = saved.get("privacy")
+    recorder.model_inversion = saved.get("model_inversion")  # a participant's attacks so far (attack.on=client)

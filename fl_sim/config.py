@@ -103,7 +103,9 @@ class AttackConfig:
     num_cpus: Optional[float] = None  # threads of each attack (None: the CPUs free while the round's attacks run, shared)
     num_gpus: float = 0.0  # GPU share of each attack worker (Ray; 0.25 puts four on one GPU); device= picks it
     # model inversion of a trained model (mi_face, gmi, deepinversion): observed "model"
-    on: str = "final"  # which model is attacked: final (the global model after the last round)
+    on: str = "final"  # which model is attacked: final (the global model after the last round) | client (the global
+    # model a participant, attacker_client, receives in each round it is sampled: FedInverse's passive client)
+    attacker_client: int = 0  # on=client: the participant that attacks (it trains honestly on its own partition)
     auxiliary: str = "disjoint_classes"  # the attacker's public data: disjoint_classes | split (auxiliary_fraction)
     private_classes: List[int] = field(default_factory=list)  # disjoint_classes: the clients' classes ([]: lower half)
     target_classes: List[int] = field(default_factory=list)  # classes to reconstruct ([]: every private class)

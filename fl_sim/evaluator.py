@@ -112,7 +112,8 @@ def evaluate_outcome(outcome: AttackOutcome, data: FederatedData, attack_name: s
 # --------------------------------------------------------------------------- model inversion
 
 def evaluate_model_inversion(rec: Reconstruction, data: FederatedData, judge: EvaluationClassifier, *,
-                             attack_name: str, server_round: int, seconds: float, run_dir: Path | None) -> dict:
+                             attack_name: str, server_round: int, seconds: float, run_dir: Path | None,
+                             tag: str = "") -> dict:
     """Score a model inversion with the field's protocol; the ``summary.json`` entry (``observed: "model"``).
 
     - attack accuracy: the share of reconstructions the evaluation classifier puts in their target class
@@ -121,7 +122,8 @@ def evaluate_model_inversion(rec: Reconstruction, data: FederatedData, judge: Ev
       penultimate features to the private training images of its class, averaged;
     - feature FID: the Fréchet distance between those features of the reconstructions and of the private
       images of the target classes (not Inception's FID: no Inception weights here);
-    - each reconstruction's nearest private image (by that distance) and their PSNR / SSIM."""
+    - each reconstruction's nearest private image (by that distance) and their PSNR / SSIM.
+    ``tag`` goes into the pictures' names (e.g. ``_round3`` when a participant attacks every round)."""
     images = np.clip(rec.inputs.detach().cpu().numpy().astype(np.float32), 0, 1)
     model_labels = rec.labels.cpu().numpy().astype(np.int64)
     dataset_labels = np.asarray(data.dataset_labels, dtype=np.int64)
@@ -159,9 +161,10 @@ def evaluate_model_inversion(rec: Reconstruction, data: FederatedData, judge: Ev
         entry["pictures"] = []
         for c in sorted(set(model_labels.tolist())):
             mine = np.flatnonzero(model_labels == c)
-            name = f"inversion_{attack_name}_class{int(dataset_labels[c])}.png"
+            name = f"inversion_{attack_name}{tag}_class{int(dataset_labels[c])}.png"
             save_grid(images[mine], near_images[mine], run_dir / name,
-                      f"{attack_name}, class {int(dataset_labels[c])}: attack accuracy {top1[mine].mean():.2f}, "
+                      f"{attack_name}{f', round {server_round}' if tag else ''}, class {int(dataset_labels[c])}: "
+                      f"attack accuracy {top1[mine].mean():.2f}, "
                       f"nearest PSNR {np.mean([near_psnr[i] for i in mine]):.1f} dB",
                       rows=("reconstruction", "nearest private"))
             entry["pictures"].append(name)

@@ -8,16 +8,25 @@ ones (the lower half, or ``attack.private_classes``) and the attacker holds the 
 public ones, which share no class with them; with ``attack.auxiliary=split`` it holds
 ``attack.auxiliary_fraction`` of the clients' own classes instead.
 
-The attack runs in the server's process once the last round is done. A GAN prior (``gmi``) is trained
+With ``attack.on=client`` the attacker is a participant instead (FedInverse, Wu et al., ICLR 2024): client
+``attack.attacker_client`` trains honestly on its own partition, and in each round it is sampled
+(``attack.rounds``: [] = every round) it inverts the global model it received, to reconstruct the private
+classes its own partition lacks (``partition=pathological`` gives it few). It never reads another client's
+data: its auxiliary data are the public ones, as above. Since it sees exactly what the server sent it, the
+simulation runs its attack in the server's process after that round, one entry per attacked round.
+
+The final-model attack runs in the server's process once the last round is done. A GAN prior (``gmi``) is trained
 on the auxiliary data once (``kedmi``, ``plgmi``: per target model) and cached (``fl_sim.cache``). The evaluator then scores the reconstructions
 with the evaluation classifier (``fl_sim.evaluation_classifier``), which no attack sees.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -28,6 +37,7 @@ from fl_sim.config import ConfigError
 from fl_sim.data import FederatedData
 from fl_sim.evaluation_classifier import evaluation_classifier
 from fl_sim.evaluator import evaluate_model_inversion
+from fl_sim.training import evaluate
 from fl_sim.validation import MODEL_ATTACKS
 from fl_sim.workspace import Workspace, initial_model
 
@@ -36,19 +46,43 @@ log = logging.getLogger("fl_sim")
 ATTACKER = "anyone holding the final global model (the server, any client, a user of the deployed model)"
 
 
+def participant(cfg: DictConfig) -> str:
+    return (f"client {int(cfg.attack.attacker_client)}, a participant: it trains honestly on its own partition and "
+            "inverts the global model it receives in each round it is sampled (passive, as FedInverse)")
+
+
 def is_model_inversion(cfg: DictConfig) -> bool:
     return cfg.attack.name in MODEL_ATTACKS
 
 
+def attacker_holds(cfg: DictConfig, data: FederatedData) -> list[int]:
+    """``attack.on=client``: the dataset's labels of the classes in the attacker's own partition."""
+    own = np.unique(data.y_train[data.partitions[int(cfg.attack.attacker_client)]])
+    return sorted(int(data.dataset_labels[int(c)]) for c in own)
+
+
 def target_classes(cfg: DictConfig, data: FederatedData) -> tuple[int, ...]:
-    """The model's classes to reconstruct (``attack.target_classes`` names the dataset's labels); a
-    ConfigError names any that the clients do not hold."""
+    """The model's classes to reconstruct (``attack.target_classes`` names the dataset's labels; [] = every
+    private class, or with ``attack.on=client`` every one the attacker's partition lacks); a ConfigError
+    names any that the clients do not hold, or that a participant attacker holds itself."""
     labels = data.dataset_labels
     wanted = list(cfg.attack.target_classes) or list(labels)
     bad = [c for c in wanted if c not in labels]
     if bad:
         raise ConfigError(f"attack.target_classes={list(cfg.attack.target_classes)}: {bad} are not private classes "
                           f"(the clients hold {list(labels)}; the others are the attacker's public data)")
+    if cfg.attack.on == "client":
+        k, own = int(cfg.attack.attacker_client), attacker_holds(cfg, data)
+        lacking = [c for c in labels if c not in own]
+        if not lacking:
+            raise ConfigError(f"attack.on=client: client {k} holds every private class {list(labels)}, so it has no "
+                              "class to steal; give clients fewer classes (partition=pathological "
+                              "partition.classes_per_client=2, or partition=dirichlet with a small alpha)")
+        held = [c for c in wanted if c in own]
+        if cfg.attack.target_classes and held:
+            raise ConfigError(f"attack.target_classes={list(cfg.attack.target_classes)}: client {k} holds {held} "
+                              f"itself; a participant attacks the classes it lacks ({lacking})")
+        wanted = [c for c in wanted if c not in own]
     return tuple(labels.index(c) for c in wanted)
 
 
@@ -56,12 +90,14 @@ def division(cfg: DictConfig, data: FederatedData) -> dict:
     """The private/public division for ``summary.json`` (``data.division``)."""
     a = cfg.attack
     aux = 0 if data.x_aux is None else int(len(data.x_aux))
+    mine = ({"attacker_client": int(a.attacker_client), "attacker_classes": attacker_holds(cfg, data)}
+            if a.on == "client" else {})
     if a.auxiliary == "disjoint_classes":
         public = sorted(set(int(c) for c in data.y_aux.tolist())) if data.y_aux is not None else []
         return {"auxiliary": "disjoint_classes", "private_classes": list(data.dataset_labels),
-                "public_classes": public, "auxiliary_examples": aux}
+                "public_classes": public, "auxiliary_examples": aux, **mine}
     return {"auxiliary": "split", "private_classes": list(data.dataset_labels), "public_classes": [],
-            "auxiliary_fraction": float(a.auxiliary_fraction), "auxiliary_examples": aux}
+            "auxiliary_fraction": float(a.auxiliary_fraction), "auxiliary_examples": aux, **mine}
 
 
 def knowledge(cfg: DictConfig, ws: Workspace) -> Knowledge:
@@ -104,40 +140,108 @@ def prepare_prior(attack, know: Knowledge, state: dict[str, torch.Tensor], cfg: 
     return {"prior": kind, "key": key, "seconds": seconds, "cached": False, **losses}
 
 
-def attack_final_model(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Tensor], recorder) -> None:
-    """Invert the final global model ``state``; the evaluator scores it; the recorder keeps the entry,
-    the division, the target and the evaluation classifier, and the time of each part."""
+NOTES = ["attack accuracy: top-1 under the evaluation classifier over every class of the dataset",
+         "knn_distance: squared L2 in the evaluation classifier's 128-d penultimate features, to the "
+         "nearest private training image of the target class, averaged",
+         "feature_fid: Fréchet distance in the evaluation classifier's features (not Inception FID: "
+         "no Inception weights can be loaded here)"]
+
+
+def invert(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Tensor], *, server_round: int, run_dir,
+           judge=None, what: str = "the final global model", tag: str = "") -> tuple[dict, dict, object, float]:
+    """One model inversion of ``state`` and its score: (entry, prior record, judge, seconds spent on the
+    judge). ``judge``: an evaluation classifier already at hand; ``tag``: set into the pictures' names."""
     data = ws.data
     attack = attack_from_config(cfg.attack)
     know = knowledge(cfg, ws)
     state = {k: v.detach().cpu() for k, v in state.items()}
     prior = prepare_prior(attack, know, state, cfg)
-    log.info("%s: inverting the final global model (classes %s, %d images each)", attack.name,
+    log.info("%s: inverting %s (classes %s, %d images each)", attack.name, what,
              [data.dataset_labels[c] for c in know.target_classes], cfg.attack.per_class)
     t0 = time.perf_counter()
     rec = attack.reconstruct(ModelObservation(state), know, progress=lambda it, loss: log.info(
         "  %s: iteration %d, loss %.4f", attack.name, it, loss))
     attack_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    judge = evaluation_classifier(data, int(cfg.seed), cfg.cache_dir)
+    judge = judge if judge is not None else evaluation_classifier(data, int(cfg.seed), cfg.cache_dir)
     judge_seconds = time.perf_counter() - t1
-    entry = evaluate_model_inversion(rec, data, judge, attack_name=attack.name, server_round=int(cfg.num_rounds),
-                                     seconds=attack_seconds, run_dir=recorder.run_dir)
+    entry = evaluate_model_inversion(rec, data, judge, attack_name=attack.name, server_round=server_round,
+                                     seconds=attack_seconds, run_dir=run_dir, tag=tag)
     entry["prior_seconds"], entry["prior_cached"] = prior["seconds"], prior["cached"]
     entry["device"] = str(know.device)  # the server process's (the prior trains there too)
+    return entry, prior, judge, judge_seconds
+
+
+def attack_final_model(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Tensor], recorder) -> None:
+    """Invert the final global model ``state``; the evaluator scores it; the recorder keeps the entry,
+    the division, the target and the evaluation classifier, and the time of each part."""
+    data = ws.data
+    entry, prior, judge, judge_seconds = invert(cfg, ws, state, server_round=int(cfg.num_rounds),
+                                                run_dir=recorder.run_dir)
     recorder.attack(entry)
     last = recorder.rounds[-1] if recorder.rounds else {}
     recorder.model_inversion = {
         "attacker": ATTACKER, "on": str(cfg.attack.on), "division": division(cfg, data),
         "target": {"model": cfg.model.name, "classes": list(data.dataset_labels),
                    "test_accuracy": last.get("test_accuracy")},
-        "evaluation_classifier": judge.summary(), "prior": prior,
-        "notes": ["attack accuracy: top-1 under the evaluation classifier over every class of the dataset",
-                  "knn_distance: squared L2 in the evaluation classifier's 128-d penultimate features, to the "
-                  "nearest private training image of the target class, averaged",
-                  "feature_fid: Fréchet distance in the evaluation classifier's features (not Inception FID: "
-                  "no Inception weights can be loaded here)"],
+        "evaluation_classifier": judge.summary(), "prior": prior, "notes": list(NOTES),
     }
     recorder.extra_timing.update({"prior_training_seconds": 0.0 if prior["cached"] else prior["seconds"],
-                                  "model_inversion_seconds": attack_seconds,
+                                  "model_inversion_seconds": entry["seconds"],
                                   "evaluation_classifier_seconds": judge_seconds})
+
+
+class ParticipantAttack:
+    """``attack.on=client``: client ``attack.attacker_client`` inverts the global model it receives, in every
+    round it is sampled (and ``attack.rounds`` names, [] = all). The server loops call ``wants(round,
+    sampled)`` before they send and ``attack(round, state, test_accuracy)`` once the round is over, with the
+    model the attacker received; one scored entry per attacked round (``attacker_client``, ``model_round``:
+    the rounds of training behind the model it received, ``target_test_accuracy``: that model's)."""
+
+    def __init__(self, cfg: DictConfig, ws: Workspace, recorder):
+        self.cfg, self.ws, self.recorder = cfg, ws, recorder
+        self.client = int(cfg.attack.attacker_client)
+        self.judge = None
+        self.judge_seconds = 0.0
+        self.prior_seconds = 0.0
+        if (recorder.model_inversion or {}).get("on") == "client":  # a resumed run: its attacks so far
+            return
+        recorder.model_inversion = {
+            "attacker": participant(cfg), "on": "client", "division": division(cfg, ws.data),
+            "target": {"model": cfg.model.name, "classes": list(ws.data.dataset_labels), "test_accuracy": None},
+            "evaluation_classifier": None, "prior": None, "rounds_attacked": [],
+            "notes": list(NOTES) + ["round r: the global model the attacker received at the start of round r, "
+                                    "trained for r - 1 rounds (round 1: the initial model)"]}
+
+    def wants(self, server_round: int, sampled: list[int]) -> bool:
+        rounds = list(self.cfg.attack.rounds)
+        return self.client in sampled and (not rounds or server_round in rounds)
+
+    def attack(self, server_round: int, state: dict[str, torch.Tensor]) -> dict:
+        model = copy.deepcopy(self.ws.model)  # the server's copy of the architecture, on its device
+        model.load_state_dict(state)
+        test_accuracy = evaluate(model, *self.ws.test_tensors(), int(self.cfg.eval_batch_size))[1]
+        entry, prior, self.judge, judge_seconds = invert(
+            self.cfg, self.ws, state, server_round=server_round, run_dir=self.recorder.run_dir, judge=self.judge,
+            what=f"the global model client {self.client} received in round {server_round}", tag=f"_round{server_round}")
+        entry.update(attacker_client=self.client, model_round=server_round - 1, target_test_accuracy=test_accuracy)
+        self.recorder.attack(entry)  # its line of output says who attacked what
+        self.judge_seconds += judge_seconds
+        self.prior_seconds += 0.0 if prior["cached"] else prior["seconds"]
+        mi = self.recorder.model_inversion
+        mi.update(evaluation_classifier=self.judge.summary(), prior=prior,
+                  rounds_attacked=mi["rounds_attacked"] + [server_round])
+        timing = self.recorder.extra_timing
+        timing["model_inversion_seconds"] = timing.get("model_inversion_seconds", 0.0) + entry["seconds"]
+        timing.update(prior_training_seconds=self.prior_seconds, evaluation_classifier_seconds=self.judge_seconds)
+        return entry
+
+    def finish(self) -> None:
+        """After the last round: the target's final test accuracy."""
+        last = self.recorder.rounds[-1] if self.recorder.rounds else {}
+        self.recorder.model_inversion["target"]["test_accuracy"] = last.get("test_accuracy")
+
+
+def participant_attack(cfg: DictConfig, ws: Workspace, recorder) -> ParticipantAttack | None:
+    """The passive participant of ``attack.on=client``, or None when no participant attacks."""
+    return ParticipantAttack(cfg, ws, recorder) if is_model_inversion(cfg) and cfg.attack.on == "client" else None

@@ -132,10 +132,17 @@ class RunRecorder:
             return
         if entry.get("observed") == "model":
             top5 = f", top-5 {entry['attack_accuracy_top5']:.2f}" if entry.get("attack_accuracy_top5") is not None else ""
-            log.info("attack %s on the final model (classes %s, %d images): attack accuracy %.2f%s, KNN distance "
-                     "%.1f, feature FID %.1f, nearest private image %.1f dB  (%.1f s)", entry["attack"],
-                     entry["target_classes"], entry["batch_size"], entry["attack_accuracy"], top5,
-                     entry["knn_distance"], entry["feature_fid"], entry["nearest_psnr"], entry["seconds"])
+            if entry.get("attacker_client") is not None:  # a participant, round by round (attack.on=client)
+                n = int(entry["model_round"])
+                who = (f"round {entry['round']}: client {entry['attacker_client']}, a participant, from the global "
+                       f"model it received ({n} round{'' if n == 1 else 's'} of training, test accuracy "
+                       f"{entry['target_test_accuracy']:.3f}), reconstructed the classes it lacks")
+            else:
+                who = "on the final model: reconstructed the classes"
+            log.info("attack %s %s %s (%d images) at attack accuracy %.2f%s, KNN distance %.1f, feature FID %.1f, "
+                     "nearest private image %.1f dB  (%.1f s)", entry["attack"], who, entry["target_classes"],
+                     entry["batch_size"], entry["attack_accuracy"], top5, entry["knn_distance"], entry["feature_fid"],
+                     entry["nearest_psnr"], entry["seconds"])
             return
         labels = f"  label accuracy {entry['label_accuracy']:.2f}" if entry.get("label_accuracy") is not None else ""
         if entry.get("psnr") is None:  # a label-only attack

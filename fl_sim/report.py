@@ -52,35 +52,55 @@ def rounds_table(rounds: list[dict]) -> str:
 
 
 def model_inversion_section(summary: dict) -> list[str]:
-    """Model inversion of the final model: the threat model, the division, the judge, the scores, the pictures."""
+    """Model inversion of the final model, or of each round's model by a participant (``attack.on=client``):
+    the threat model, the division, the judge, the scores, the pictures."""
     mi = summary["model_inversion"]
-    d, judge, prior = mi["division"], mi["evaluation_classifier"], mi["prior"]
+    d, judge, prior = mi["division"], mi["evaluation_classifier"], mi["prior"] or {}
+    by_client = mi.get("on") == "client"
     trained = "loaded from the cache" if prior.get("cached") else f"trained in {prior.get('seconds', 0.0):.1f} s"
     aux = (f"the public classes {d['public_classes']} ({d['auxiliary_examples']} training images; no class in common "
            f"with the private ones)" if d["auxiliary"] == "disjoint_classes" else
            f"a disjoint {d['auxiliary_fraction']:g} of the private classes' training pool ({d['auxiliary_examples']} images)")
-    out = ["## Attacks: model inversion of the final model", "",
+    title = ("## Attacks: model inversion by a participant, round by round" if by_client else
+             "## Attacks: model inversion of the final model")
+    holds = (f" Client {d['attacker_client']}'s own partition holds the classes {d['attacker_classes']}; it attacks "
+             "the others." if by_client else "")
+    out = [title, "",
            f"Attacker: {mi['attacker']}, white-box. The clients trained on the private classes {d['private_classes']} "
            f"(`{mi['target']['model']}`, final test accuracy {_fmt(mi['target']['test_accuracy'])}); the attacker's "
-           f"auxiliary data: {aux}.",
-           "",
-           f"Evaluation classifier (the evaluator's, never the attack's): {judge['architecture']}, trained on "
-           f"{judge['trained_on']}, {judge['classes']} classes, test accuracy {_fmt(judge['test_accuracy'])}"
-           f"{' (cached)' if judge['cached'] else ''}."
-           + (f" GAN prior: {trained}." if prior.get("prior") else ""),
-           "",
-           "| attack | classes | images | attack acc. | top-5 | KNN dist. | feature FID | nearest PSNR | nearest SSIM | seconds |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"auxiliary data: {aux}.{holds}", ""]
     entries = [a for a in summary.get("attacks") or [] if a.get("observed") == "model"]
-    for a in entries:
-        out.append(f"| {a['attack']} | {a['target_classes']} | {a['batch_size']} | {_fmt(a['attack_accuracy'], 3)} | "
-                   f"{_fmt(a['attack_accuracy_top5'], 3)} | {_fmt(a['knn_distance'], 2)} | {_fmt(a['feature_fid'], 2)} | "
-                   f"{_fmt(a['nearest_psnr'], 2)} | {_fmt(a['nearest_ssim'], 3)} | {_fmt(a['seconds'], 1)} |")
+    if judge is None:  # a participant never sampled in the attacked rounds
+        return out + ["The attacker was not sampled in any attacked round: nothing was attacked.", ""]
+    out += [f"Evaluation classifier (the evaluator's, never the attack's): {judge['architecture']}, trained on "
+            f"{judge['trained_on']}, {judge['classes']} classes, test accuracy {_fmt(judge['test_accuracy'])}"
+            f"{' (cached)' if judge['cached'] else ''}." + (f" GAN prior: {trained}." if prior.get("prior") else ""),
+            ""]
+    if by_client:
+        out += ["| round | model's test acc. | attack | classes | images | attack acc. | top-5 | KNN dist. | "
+                "feature FID | nearest PSNR | seconds |", "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in entries:
+            out.append(f"| {a['round']} | {_fmt(a.get('target_test_accuracy'))} | {a['attack']} | {a['target_classes']} | "
+                       f"{a['batch_size']} | {_fmt(a['attack_accuracy'], 3)} | {_fmt(a['attack_accuracy_top5'], 3)} | "
+                       f"{_fmt(a['knn_distance'], 2)} | {_fmt(a['feature_fid'], 2)} | {_fmt(a['nearest_psnr'], 2)} | "
+                       f"{_fmt(a['seconds'], 1)} |")
+    else:
+        out += ["| attack | classes | images | attack acc. | top-5 | KNN dist. | feature FID | nearest PSNR | "
+                "nearest SSIM | seconds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in entries:
+            out.append(f"| {a['attack']} | {a['target_classes']} | {a['batch_size']} | {_fmt(a['attack_accuracy'], 3)} | "
+                       f"{_fmt(a['attack_accuracy_top5'], 3)} | {_fmt(a['knn_distance'], 2)} | "
+                       f"{_fmt(a['feature_fid'], 2)} | {_fmt(a['nearest_psnr'], 2)} | {_fmt(a['nearest_ssim'], 3)} | "
+                       f"{_fmt(a['seconds'], 1)} |")
     out += [""] + [f"- {n}" for n in mi.get("notes", [])] + [""]
-    for a in entries:
+    shown = entries[-1:] if by_client else entries  # round by round: the last attacked round's pictures
+    for a in shown:
         acc = ", ".join(f"{c}: {v:.2f}" for c, v in a["attack_accuracy_per_class"].items())
-        out += [f"Attack accuracy per class ({a['attack']}): {acc}. Each picture: reconstructions (top) above the "
-                "private training image nearest to each in the evaluation classifier's features (bottom).", ""]
+        when = f", round {a['round']}" if by_client else ""
+        out += [f"Attack accuracy per class ({a['attack']}{when}): {acc}. Each picture: reconstructions (top) above "
+                "the private training image nearest to each in the evaluation classifier's features (bottom)."
+                + (" The earlier rounds' pictures are in the run directory (`inversion_*_round*_class*.png`)."
+                   if by_client and len(entries) > 1 else ""), ""]
         out += [f"![{p}]({p})" for p in a.get("pictures", [])] + [""]
     return out
 

@@ -35,9 +35,11 @@ log = logging.getLogger("fl_sim")
 
 
 def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
-                       resume_from: dict | None = None) -> dict[str, torch.Tensor]:
+                       resume_from: dict | None = None, participant=None) -> dict[str, torch.Tensor]:
     """The same run under Flower's SecAgg+ (legacy workflow): the server only ever holds the
-    aggregate of the sampled clients' models, and that is what an adversarial server attacks."""
+    aggregate of the sampled clients' models, and that is what an adversarial server attacks.
+    ``participant``: a malicious participant (``fl_sim.inversion.ParticipantAttack``) that inverts the
+    global model it receives; SecAgg+ hides updates, not the model every client is sent."""
     ws = workspace(cfg, "server")
     d, s = cfg.defense, cfg.strategy
     node_of = discover_clients(grid, cfg)
@@ -77,6 +79,8 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         rounds[rnd].update(trained=len(results), stragglers=sum(float(r.metrics.get("delay", 0)) > 0 for r in results),
                            train_loss=sum(
             float(r.metrics["train_loss"]) * int(r.num_examples) for r in results) / max(n_total, 1))
+        if participant is not None and participant.wants(rnd, clients):
+            participant.attack(rnd, as_sent(sent))  # the model every sampled client received this round
         if attack is None or (cfg.attack.rounds and rnd not in cfg.attack.rounds):
             return
         t = time.perf_counter()

@@ -22,7 +22,7 @@ from fl_sim import checkpoint
 from fl_sim.attacking import adversarial_server
 from fl_sim.evaluator import evaluate_outcome
 from fl_sim.faults import failure_reason
-from fl_sim.inversion import attack_final_model, is_model_inversion
+from fl_sim.inversion import attack_final_model, is_model_inversion, participant_attack
 from fl_sim.malicious import malicious_rewrite
 from fl_sim.privacy import RESTORE_KEY, CentralDP, dp_history_record, privacy_ledger
 from fl_sim.protocol import SampledGrid, discover_clients, train_config
@@ -58,12 +58,15 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
     if cfg.scenario.name == "split":
         return server_main_split(cfg, grid, recorder, resume_from)
     if cfg.defense.secagg:
-        final = server_main_secagg(cfg, grid, context, recorder, resume_from)
+        spy = participant_attack(cfg, workspace(cfg, "server"), recorder)  # attack.on=client
+        final = server_main_secagg(cfg, grid, context, recorder, resume_from, participant=spy)
+        if spy is not None:
+            spy.finish()
     else:
         final = server_main_federated(cfg, grid, recorder, resume_from)
     if cfg.save_model:  # the model as deployed: what a model-inversion attacker would hold
         torch.save({k: v.detach().cpu() for k, v in final.items()}, recorder.run_dir / "final_model.pt")
-    if is_model_inversion(cfg):
+    if is_model_inversion(cfg) and cfg.attack.on == "final":
         attack_final_model(cfg, workspace(cfg, "server"), final, recorder)
 
 
@@ -102,6 +105,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
     if cfg.attack.name in UPDATE_ATTACKS:  # the adversarial server inverts what clients send
         strategy = adversarial_server(cfg, strategy, ws, client_of)
     ledger = privacy_ledger(cfg, ws.data)
+    spy = participant_attack(cfg, ws, recorder)  # attack.on=client: a participant inverts what it receives
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0xF1]))
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in initial_model(cfg, ws.data).state_dict().items()})
     rewrite = malicious_rewrite(cfg, arrays.to_torch_state_dict())
@@ -124,6 +128,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
         view = SampledGrid(grid, [node_of[c] for c in sampled])
         messages = list(strategy.configure_train(rnd, arrays, train_config(cfg, rnd), view))
+        received = arrays.to_torch_state_dict() if spy is not None and spy.wants(rnd, sampled) else None
         if resume_from is not None and ledger is not None:  # fresh client nodes get their DP history back
             for i, m in enumerate(messages):
                 entry = ledger.clients.get(client_of.get(m.metadata.dst_node_id, -1))
@@ -186,10 +191,14 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
             seconds=time.perf_counter() - t0,
             attack_seconds=attack_seconds,
         )
+        if received is not None:
+            spy.attack(rnd, received)
         if cfg.checkpoint:
             checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
                             model=arrays.to_torch_state_dict(), strategy=strategy, rng=rng, recorder=recorder,
                             state={"ledger": ledger.state() if ledger is not None else {},
                                    "central": {"rounds": central.rounds, "per_round": central.per_round}
                                    if central is not None else {}})
+    if spy is not None:
+        spy.finish()
     return arrays.to_torch_state_dict()

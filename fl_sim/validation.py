@@ -229,7 +229,9 @@ def validate_model_inversion(cfg: Any) -> None:
     """The settings of a model-inversion attack (the classes it may target are checked once the data are
     loaded: ``fl_sim.inversion.check_targets``)."""
     a = cfg.attack
-    _choice("attack.on", a.on, ("final",))
+    _choice("attack.on", a.on, ("final", "client"))
+    _need(a.on != "client" or 0 <= a.attacker_client < cfg.num_clients,
+          f"attack.attacker_client={a.attacker_client} is not a client (clients are 0..{cfg.num_clients - 1})")
     _choice("attack.auxiliary", a.auxiliary, ("disjoint_classes", "split"))
     _need(a.auxiliary != "split" or a.auxiliary_fraction > 0,
           "attack.auxiliary=split gives the attacker a fraction of the clients' classes: set "

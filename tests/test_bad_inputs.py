@@ -237,6 +237,14 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "model_inversion_on_unknown": (TINY + ["attack=gmi", "attack.on=rounds"], "attack.on='rounds' is not known"),
     "model_inversion_zero_per_class": (TINY + ["attack=mi_face", "attack.per_class=0"],
                                        "attack.per_class must be at least 1"),
+    # a participant attacker (attack.on=client)
+    "participant_that_is_not_a_client": (TINY + ["attack=gmi", "attack.on=client", "attack.attacker_client=7"],
+                                         "attack.attacker_client=7 is not a client (clients are 0..2)"),
+    "participant_holding_every_class": (TINY + ["attack=gmi", "attack.on=client"],
+                                        "attack.on=client: client 0 holds every private class [0, 1, 2, 3, 4]"),
+    "participant_targeting_its_own_class": (
+        TINY + ["attack=gmi", "attack.on=client", "partition=pathological", "partition.classes_per_client=2",
+                "attack.target_classes=[0,1,2,3,4]"], "itself; a participant attacks the classes it lacks"),
 }
 
 

@@ -221,6 +221,58 @@ def test_the_final_model_stage_scores_with_the_protocol_and_never_hands_private_
     assert rec2.attacks[0]["attack_accuracy"] == entry["attack_accuracy"]  # same prior, same seed: same result
 
 
+def test_a_participant_attacks_the_classes_it_lacks_in_the_rounds_it_is_sampled(compose, tmp_path, monkeypatch):
+    """attack.on=client: client 1 of a pathological partition holds two private classes and attacks the three
+    it lacks, only in the attacked rounds it is sampled, from the public data (never a client's image)."""
+    import fl_sim.inversion as inversion
+    from fl_sim.workspace import initial_model, workspace
+
+    cfg = _cfg(compose, tmp_path, "attack.on=client", "attack.attacker_client=1", "partition=pathological",
+               "partition.classes_per_client=2", "num_rounds=3", "attack.rounds=[2,3]")
+    ws = workspace(cfg, "server")
+    own = inversion.attacker_holds(cfg, ws.data)
+    assert own == sorted(set(ws.data.y_train[ws.data.partitions[1]].tolist())) and len(own) == 2
+    lacking = [c for c in range(5) if c not in own]
+    private_rows = {r.tobytes() for r in ws.data.x_train}
+    seen = []
+    real_make = inversion.attack_from_config
+
+    def spying(a):
+        attack = real_make(a)
+        real_reconstruct = attack.reconstruct
+
+        def reconstruct(observation, knowledge, progress=None):
+            seen.append(knowledge)
+            return real_reconstruct(observation, knowledge, progress)
+
+        attack.reconstruct = reconstruct
+        return attack
+
+    monkeypatch.setattr(inversion, "attack_from_config", spying)
+    rec = FakeRecorder(tmp_path)
+    spy = inversion.participant_attack(cfg, ws, rec)
+    assert rec.model_inversion["on"] == "client" and rec.model_inversion["division"]["attacker_classes"] == own
+    assert not spy.wants(1, [0, 1, 2])  # not an attacked round
+    assert not spy.wants(2, [0, 2])  # not sampled: it receives nothing
+    assert spy.wants(2, [1, 2]) and spy.wants(3, [1])
+    state = initial_model(cfg, ws.data).state_dict()
+    first = spy.attack(2, state)
+    assert first["round"] == 2 and first["model_round"] == 1 and first["attacker_client"] == 1
+    assert first["target_classes"] == lacking and first["batch_size"] == 2 * len(lacking)
+    assert 0 <= first["target_test_accuracy"] <= 1 and 0 <= first["attack_accuracy"] <= 1
+    assert first["pictures"] == [f"inversion_gmi_round2_class{c}.png" for c in lacking]
+    assert all((tmp_path / p).stat().st_size > 1000 for p in first["pictures"])
+    spy.attack(3, state)
+    assert [e["round"] for e in rec.attacks] == [2, 3] and rec.model_inversion["rounds_attacked"] == [2, 3]
+    assert rec.model_inversion["prior"]["cached"] is True  # GMI's prior is the public data's: trained once
+    for knowledge in seen:  # what the attacker holds: the public classes, no client's image
+        assert knowledge.target_classes == tuple(lacking)
+        assert not any(r.tobytes() in private_rows for r in knowledge.auxiliary_inputs.numpy())
+    spy.finish()
+    assert rec.model_inversion["target"]["test_accuracy"] == 0.9  # the last round's (FakeRecorder)
+    assert rec.extra_timing["model_inversion_seconds"] == pytest.approx(sum(e["seconds"] for e in rec.attacks))
+
+
 def test_knn_distance_and_feature_fid_are_zero_for_the_private_images_themselves():
     from fl_sim.metrics import frechet_distance, nearest
 
@@ -252,6 +304,30 @@ def test_a_reconstruction_that_looks_like_a_public_class_is_a_miss(compose, tmp_
                                      run_dir=None)
     assert entry["attack_accuracy"] == 1.0 and entry["knn_distance"] == pytest.approx(0, abs=1e-6)
     assert entry["nearest_psnr"] == 100.0
+
+
+@pytest.mark.e2e
+def test_a_participant_inverts_each_round_s_global_model_in_the_simulation(compose, tmp_path):
+    """attack.on=client on the real simulation: one entry per round, the report's round-by-round table."""
+    from fl_sim.runner import run
+
+    cfg = compose(["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=3", "num_rounds=2",
+                   "client.local_epochs=1", "partition=pathological", "partition.classes_per_client=2",
+                   "attack=gmi", "attack.on=client", "attack.attacker_client=2", "attack.gan_steps=20",
+                   "attack.gan_width=8", "attack.gan_batch_size=16", "attack.iterations=20", "attack.restarts=1",
+                   "attack.per_class=1", f"cache_dir={tmp_path / 'c'}"])
+    s = run(cfg, tmp_path / "run")
+    held = s["data"]["division"]["attacker_classes"]
+    assert held == [c for c in range(5) if s["data"]["clients"][2]["labels"][c] > 0]
+    assert [e["round"] for e in s["attacks"]] == [1, 2] and all(e["attacker_client"] == 2 for e in s["attacks"])
+    assert all(e["target_classes"] == [c for c in range(5) if c not in held] for e in s["attacks"])
+    # round 2's entry scores the model after round 1: its test accuracy is round 1's
+    assert s["attacks"][1]["target_test_accuracy"] == pytest.approx(s["rounds"][0]["test_accuracy"])
+    assert s["model_inversion"]["rounds_attacked"] == [1, 2]
+    assert s["model_inversion"]["target"]["test_accuracy"] == s["rounds"][-1]["test_accuracy"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "model inversion by a participant, round by round" in report
+    assert all(f"inversion_gmi_round2_class{c}.png" in report for c in s["attacks"][1]["target_classes"])
 
 
 @pytest.mark.e2e
