@@ -7,6 +7,7 @@ from attacks.deepinversion import DeepInversion
 from attacks.dlg import DLG
 from attacks.fsha import FSHA
 from attacks.gmi import GMI
+from attacks.hitaj import Hitaj
 from attacks.idlg import IDLG
 from attacks.imprint import Imprint
 from attacks.inverting_gradients import InvertingGradients
@@ -32,6 +33,7 @@ ATTACKS = {
     "kedmi": KEDMI,  # model inversion: a GAN that knows the target's soft labels, a latent distribution per class
     "plgmi": PLGMI,  # model inversion: a conditional GAN on pseudo-labelled public data, max-margin search
     "deepinversion": DeepInversion,  # model inversion from the BatchNorm statistics (data-free)
+    "hitaj": Hitaj,  # an active participant: a GAN against each round's global model, fake-labelled samples
 }
 
 

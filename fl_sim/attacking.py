@@ -62,6 +62,9 @@ def attack_from_config(a: DictConfig):
     if a.name == "deepinversion":
         return make_attack("deepinversion", iterations=a.iterations, lr=a.lr, bn_weight=a.bn_weight, tv=a.tv,
                            per_class=a.per_class, seed=a.seed)
+    if a.name == "hitaj":
+        return make_attack("hitaj", iterations=a.iterations, lr=a.lr, per_class=a.per_class, injected=a.injected,
+                           latent_dim=a.latent_dim, width=a.gan_width, batch_size=a.gan_batch_size, seed=a.seed)
     raise ValueError(f"attack={a.name} is not known")
 
 

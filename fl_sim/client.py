@@ -24,7 +24,7 @@ from defenses.dpsgd import dp_local_train, resolve_grad_sample_mode, steps_per_e
 from defenses.inversion import BiDO, inversion_defense_loss, seed_bottlenecks
 from fl_sim.client_mods import secagg_mod, update_defenses_mod
 from fl_sim.faults import maybe_fail, sends_nan
-from fl_sim.malicious import as_received
+from fl_sim.malicious import INJECTED_KEY, as_received
 from fl_sim.privacy import DPBudget, dp_mechanism, restore_dp
 from fl_sim.sampling import round_seed
 from fl_sim.split.client import client_split_step
@@ -36,6 +36,9 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     ws = workspace(cfg, "client")
     cid = int(context.node_config["partition-id"])
     x, y = ws.client_tensors(cid)
+    if INJECTED_KEY in msg.content:  # attack=hitaj: the active participant also trains on its generated samples
+        extra = msg.content[INJECTED_KEY].to_torch_state_dict()
+        x, y = torch.cat([x, extra["inputs"].to(x.device)]), torch.cat([y, extra["labels"].to(y.device)])
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
     delay = maybe_fail(cfg, server_round, cid)

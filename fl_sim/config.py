@@ -106,6 +106,8 @@ class AttackConfig:
     on: str = "final"  # which model is attacked: final (the global model after the last round) | client (the global
     # model a participant, attacker_client, receives in each round it is sampled: FedInverse's passive client)
     attacker_client: int = 0  # on=client: the participant that attacks (it trains honestly on its own partition)
+    injected: int = 50  # hitaj: generated samples per target class the attacker trains on each round (0: passive)
+    fake_class: int = -1  # hitaj: the attacker's own class its generated samples are labelled with (-1: its first)
     auxiliary: str = "disjoint_classes"  # the attacker's public data: disjoint_classes | split (auxiliary_fraction)
     private_classes: List[int] = field(default_factory=list)  # disjoint_classes: the clients' classes ([]: lower half)
     target_classes: List[int] = field(default_factory=list)  # classes to reconstruct ([]: every private class)

@@ -47,8 +47,30 @@ ATTACKER = "anyone holding the final global model (the server, any client, a use
 
 
 def participant(cfg: DictConfig) -> str:
-    return (f"client {int(cfg.attack.attacker_client)}, a participant: it trains honestly on its own partition and "
-            "inverts the global model it receives in each round it is sampled (passive, as FedInverse)")
+    a = cfg.attack
+    if a.name == "hitaj" and a.injected > 0:
+        return (f"client {int(a.attacker_client)}, an active participant (Hitaj et al.): in each round it is sampled "
+                "it trains a generator against the global model it received and trains on its own data plus "
+                f"{int(a.injected)} generated samples per target class labelled as a class of its own")
+    how = ("trains a generator against the global model it receives in each round it is sampled (Hitaj et al.'s "
+           "attacker, injecting nothing)" if a.name == "hitaj" else
+           "inverts the global model it receives in each round it is sampled (as FedInverse)")
+    return f"client {int(a.attacker_client)}, a passive participant: it trains honestly on its own partition and {how}"
+
+
+def fake_label(cfg: DictConfig, data: FederatedData) -> int:
+    """``attack=hitaj``: the dataset label its generated samples are labelled with, a class of its own
+    (``attack.fake_class``, -1: the first it holds); a ConfigError when it holds none, or not that one."""
+    k, own, f = int(cfg.attack.attacker_client), attacker_holds(cfg, data), int(cfg.attack.fake_class)
+    if not own:
+        raise ConfigError(f"attack=hitaj: client {k} holds no example, so it has no class of its own to label its "
+                          "generated samples with; choose another attack.attacker_client")
+    if f < 0:
+        return own[0]
+    if f not in own:
+        raise ConfigError(f"attack.fake_class={f}: client {k} does not hold it; an active participant labels its "
+                          f"generated samples with a class of its own: one of {own}")
+    return f
 
 
 def is_model_inversion(cfg: DictConfig) -> bool:
@@ -148,12 +170,14 @@ NOTES = ["attack accuracy: top-1 under the evaluation classifier over every clas
 
 
 def invert(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Tensor], *, server_round: int, run_dir,
-           judge=None, what: str = "the final global model", tag: str = "") -> tuple[dict, dict, object, float]:
+           judge=None, what: str = "the final global model", tag: str = "", attack=None,
+           know: Knowledge | None = None) -> tuple[dict, dict, object, float]:
     """One model inversion of ``state`` and its score: (entry, prior record, judge, seconds spent on the
-    judge). ``judge``: an evaluation classifier already at hand; ``tag``: set into the pictures' names."""
+    judge). ``judge``: an evaluation classifier already at hand; ``tag``: set into the pictures' names;
+    ``attack``, ``know``: an attack that keeps its state from call to call (hitaj's generator), its knowledge."""
     data = ws.data
-    attack = attack_from_config(cfg.attack)
-    know = knowledge(cfg, ws)
+    attack = attack if attack is not None else attack_from_config(cfg.attack)
+    know = know if know is not None else knowledge(cfg, ws)
     state = {k: v.detach().cpu() for k, v in state.items()}
     prior = prepare_prior(attack, know, state, cfg)
     log.info("%s: inverting %s (classes %s, %d images each)", attack.name, what,
@@ -194,9 +218,11 @@ def attack_final_model(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Te
 class ParticipantAttack:
     """``attack.on=client``: client ``attack.attacker_client`` inverts the global model it receives, in every
     round it is sampled (and ``attack.rounds`` names, [] = all). The server loops call ``wants(round,
-    sampled)`` before they send and ``attack(round, state, test_accuracy)`` once the round is over, with the
-    model the attacker received; one scored entry per attacked round (``attacker_client``, ``model_round``:
-    the rounds of training behind the model it received, ``target_test_accuracy``: that model's)."""
+    sampled)`` and then ``attack(round, state)`` with the model the attacker receives, before they send it;
+    one scored entry per attacked round (``attacker_client``, ``model_round``: the rounds of training behind
+    the model it received, ``target_test_accuracy``: that model's). ``attack=hitaj`` keeps its generator
+    from round to round, and an active one trains on ``injection()`` too (the server adds it to the
+    attacker's train message; the strategy never sees it)."""
 
     def __init__(self, cfg: DictConfig, ws: Workspace, recorder):
         self.cfg, self.ws, self.recorder = cfg, ws, recorder
@@ -204,12 +230,19 @@ class ParticipantAttack:
         self.judge = None
         self.judge_seconds = 0.0
         self.prior_seconds = 0.0
+        hitaj = cfg.attack.name == "hitaj"
+        # hitaj's generator learns from round to round: one attack object (a resumed run starts a new one)
+        self.persistent = attack_from_config(cfg.attack) if hitaj else None
+        self.know = knowledge(cfg, ws) if hitaj else None
+        self.injected = int(cfg.attack.injected) if hitaj else 0
+        self.fake = fake_label(cfg, ws.data) if hitaj else None
         if (recorder.model_inversion or {}).get("on") == "client":  # a resumed run: its attacks so far
             return
         recorder.model_inversion = {
             "attacker": participant(cfg), "on": "client", "division": division(cfg, ws.data),
             "target": {"model": cfg.model.name, "classes": list(ws.data.dataset_labels), "test_accuracy": None},
             "evaluation_classifier": None, "prior": None, "rounds_attacked": [],
+            **({"injected_per_class": self.injected, "fake_class": self.fake} if hitaj else {}),
             "notes": list(NOTES) + ["round r: the global model the attacker received at the start of round r, "
                                     "trained for r - 1 rounds (round 1: the initial model)"]}
 
@@ -218,13 +251,19 @@ class ParticipantAttack:
         return self.client in sampled and (not rounds or server_round in rounds)
 
     def attack(self, server_round: int, state: dict[str, torch.Tensor]) -> dict:
+        """Attack the model the participant received this round: the scored entry (recorded); for an
+        active attacker, ``injection(...)`` then gives the samples it trains on."""
         model = copy.deepcopy(self.ws.model)  # the server's copy of the architecture, on its device
         model.load_state_dict(state)
         test_accuracy = evaluate(model, *self.ws.test_tensors(), int(self.cfg.eval_batch_size))[1]
         entry, prior, self.judge, judge_seconds = invert(
             self.cfg, self.ws, state, server_round=server_round, run_dir=self.recorder.run_dir, judge=self.judge,
-            what=f"the global model client {self.client} received in round {server_round}", tag=f"_round{server_round}")
+            what=f"the global model client {self.client} received in round {server_round}", tag=f"_round{server_round}",
+            attack=self.persistent, know=self.know)
         entry.update(attacker_client=self.client, model_round=server_round - 1, target_test_accuracy=test_accuracy)
+        if self.persistent is not None:
+            entry.update(injected=self.injected * len(entry["target_classes"]), fake_class=self.fake,
+                         generator_steps=int(self.persistent.steps))
         self.recorder.attack(entry)  # its line of output says who attacked what
         self.judge_seconds += judge_seconds
         self.prior_seconds += 0.0 if prior["cached"] else prior["seconds"]
@@ -236,6 +275,17 @@ class ParticipantAttack:
         timing.update(prior_training_seconds=self.prior_seconds, evaluation_classifier_seconds=self.judge_seconds)
         return entry
 
+    def injection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An active attacker's training extra for this round, after ``attack``: ``injected`` generated samples
+        per target class (normalised as the clients' inputs) and the fake label for all; None when passive."""
+        if self.persistent is None or self.injected <= 0:
+            return None
+        images, _ = self.persistent.samples(self.injected, self.know, salt=1)
+        data = self.ws.data
+        x = (images.numpy() - data.mean[None, :, None, None]) / data.std[None, :, None, None]
+        y = torch.full((len(images),), data.dataset_labels.index(self.fake), dtype=torch.int64)
+        return torch.from_numpy(x.astype(np.float32)), y
+
     def finish(self) -> None:
         """After the last round: the target's final test accuracy."""
         last = self.recorder.rounds[-1] if self.recorder.rounds else {}
@@ -243,5 +293,5 @@ class ParticipantAttack:
 
 
 def participant_attack(cfg: DictConfig, ws: Workspace, recorder) -> ParticipantAttack | None:
-    """The passive participant of ``attack.on=client``, or None when no participant attacks."""
+    """The participant of ``attack.on=client`` (passive, or hitaj's active one), or None when none attacks."""
     return ParticipantAttack(cfg, ws, recorder) if is_model_inversion(cfg) and cfg.attack.on == "client" else None

@@ -23,6 +23,9 @@ from fl_sim.data import FederatedData
 BLOCK, BASE = "block.", "base."  # ImprintedModel's state: the block's arrays and the model's own
 
 
+INJECTED_KEY = "participant-samples"  # attack=hitaj: what the active participant trains on besides its own data
+
+
 def imprint_block(cfg: DictConfig, data: FederatedData) -> ImprintBlock:
     """The server's imprint block: bins at quantiles of a random linear measurement on the attacker's
     public data (the held-out test split)."""

@@ -26,7 +26,7 @@ from fl_sim import checkpoint
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
 from fl_sim.config import Config, ConfigError, register_configs
-from fl_sim.inversion import division, is_model_inversion, target_classes
+from fl_sim.inversion import division, fake_label, is_model_inversion, target_classes
 from fl_sim.models import num_parameters
 from fl_sim.network import (LOOPBACK, check_cluster, loopback_only, on_this_machine_only, ray_auth_mode,
                             settle_ray_auth)
@@ -172,6 +172,8 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     }
     if is_model_inversion(cfg):  # the private/public division, and targets the clients hold
         target_classes(cfg, d)
+        if cfg.attack.name == "hitaj":
+            fake_label(cfg, d)  # a class of the attacker's own to label its samples with
         recorder.data_info["division"] = division(cfg, d)
     init = initial_model(cfg, d)
     if cfg.scenario.name == "split":

@@ -23,7 +23,7 @@ from fl_sim.attacking import adversarial_server
 from fl_sim.evaluator import evaluate_outcome
 from fl_sim.faults import failure_reason
 from fl_sim.inversion import attack_final_model, is_model_inversion, participant_attack
-from fl_sim.malicious import malicious_rewrite
+from fl_sim.malicious import INJECTED_KEY, malicious_rewrite
 from fl_sim.privacy import RESTORE_KEY, CentralDP, dp_history_record, privacy_ledger
 from fl_sim.protocol import SampledGrid, discover_clients, train_config
 from fl_sim.sampling import sample_clients
@@ -68,6 +68,14 @@ def server_main(cfg: DictConfig, grid: Grid, recorder, context: Context | None =
         torch.save({k: v.detach().cpu() for k, v in final.items()}, recorder.run_dir / "final_model.pt")
     if is_model_inversion(cfg) and cfg.attack.on == "final":
         attack_final_model(cfg, workspace(cfg, "server"), final, recorder)
+
+
+def with_injection(m: Message, inputs: torch.Tensor, labels: torch.Tensor) -> Message:
+    """The attacker's train message with the samples it trains on besides its own data (``attack=hitaj``):
+    the participant's own doing, which the simulation carries in its message; Flower's messages share one
+    content, so it is copied."""
+    content = RecordDict({**dict(m.content.items()), INJECTED_KEY: ArrayRecord({"inputs": inputs, "labels": labels})})
+    return Message(content=content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
 
 
 def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:
@@ -128,7 +136,12 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
         view = SampledGrid(grid, [node_of[c] for c in sampled])
         messages = list(strategy.configure_train(rnd, arrays, train_config(cfg, rnd), view))
-        received = arrays.to_torch_state_dict() if spy is not None and spy.wants(rnd, sampled) else None
+        if spy is not None and spy.wants(rnd, sampled):  # the participant attacks the model it is sent
+            spy.attack(rnd, arrays.to_torch_state_dict())
+            extra = spy.injection()  # an active one (attack=hitaj) trains on its generated samples too
+            if extra is not None:
+                messages = [with_injection(m, *extra) if m.metadata.dst_node_id == node_of[spy.client] else m
+                            for m in messages]
         if resume_from is not None and ledger is not None:  # fresh client nodes get their DP history back
             for i, m in enumerate(messages):
                 entry = ledger.clients.get(client_of.get(m.metadata.dst_node_id, -1))
@@ -191,8 +204,6 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
             seconds=time.perf_counter() - t0,
             attack_seconds=attack_seconds,
         )
-        if received is not None:
-            spy.attack(rnd, received)
         if cfg.checkpoint:
             checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
                             model=arrays.to_torch_state_dict(), strategy=strategy, rng=rng, recorder=recorder,

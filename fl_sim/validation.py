@@ -22,9 +22,10 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
 OPTIMIZERS = ("sgd", "adam")
 ATTACKS = ("none", "dlg", "idlg", "inverting_gradients", "analytic", "imprint",
            "rmle", "inverse_network", "unsplit", "fsha", "label_leakage", "mi_face", "gmi", "kedmi", "plgmi",
-           "deepinversion")
+           "deepinversion", "hitaj")
 SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha", "label_leakage")  # activations / cut gradients
-MODEL_ATTACKS = ("mi_face", "gmi", "kedmi", "plgmi", "deepinversion")  # model inversion of the trained model (observed: model)
+# model inversion of the trained model (observed: model); hitaj: an active participant, every round
+MODEL_ATTACKS = ("mi_face", "gmi", "kedmi", "plgmi", "deepinversion", "hitaj")
 GAN_ATTACKS = ("gmi", "kedmi", "plgmi")  # model inversion with a GAN prior trained on the auxiliary data
 MALICIOUS_ATTACKS = ("imprint", "fsha")  # the server changes what it sends (the model; the split gradients)
 UPDATE_ATTACKS = ("dlg", "idlg", "inverting_gradients", "analytic", "imprint")  # a client's update, or the aggregate
@@ -230,6 +231,13 @@ def validate_model_inversion(cfg: Any) -> None:
     loaded: ``fl_sim.inversion.check_targets``)."""
     a = cfg.attack
     _choice("attack.on", a.on, ("final", "client"))
+    _need(a.name != "hitaj" or a.on == "client",
+          "attack=hitaj is a participant that trains a GAN against each round's global model: set attack.on=client "
+          "(and attack.attacker_client)")
+    _need(a.injected >= 0, f"attack.injected must be >= 0 (got {a.injected}; 0: a passive attacker)")
+    _need(not (a.name == "hitaj" and a.injected > 0 and cfg.defense.secagg),
+          "attack=hitaj with attack.injected > 0 puts samples into the attacker's training, which fl-sim's SecAgg+ "
+          "path does not carry: use attack.injected=0 (passive) with defense=secagg, or drop secagg")
     _need(a.on != "client" or 0 <= a.attacker_client < cfg.num_clients,
           f"attack.attacker_client={a.attacker_client} is not a client (clients are 0..{cfg.num_clients - 1})")
     _choice("attack.auxiliary", a.auxiliary, ("disjoint_classes", "split"))

@@ -245,6 +245,14 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "participant_targeting_its_own_class": (
         TINY + ["attack=gmi", "attack.on=client", "partition=pathological", "partition.classes_per_client=2",
                 "attack.target_classes=[0,1,2,3,4]"], "itself; a participant attacks the classes it lacks"),
+    "active_participant_relabelling_into_a_class_it_lacks": (
+        TINY + ["attack=hitaj", "partition=pathological", "partition.classes_per_client=1", "attack.fake_class=4"],
+        "attack.fake_class=4: client 0 does not hold it; an active participant labels its generated samples with a "
+        "class of its own"),
+    "hitaj_as_the_final_model_attack": (TINY + ["attack=hitaj", "attack.on=final"],
+                                        "attack=hitaj is a participant that trains a GAN against each round's"),
+    "active_participant_under_secagg": (TINY + ["attack=hitaj", "defense=secagg"],
+                                        "fl-sim's SecAgg+ path does not carry"),
 }
 
 

@@ -273,6 +273,56 @@ def test_a_participant_attacks_the_classes_it_lacks_in_the_rounds_it_is_sampled(
     assert rec.extra_timing["model_inversion_seconds"] == pytest.approx(sum(e["seconds"] for e in rec.attacks))
 
 
+def test_hitaj_s_generator_learns_the_target_s_classes_and_keeps_learning_from_round_to_round(setting):
+    """Hitaj et al.'s generator against the trained target: before training the target puts its samples in
+    the wanted classes at about chance; after a round of steps almost always; the generator is kept."""
+    target, know = setting["target"], Knowledge(**{**setting["know"].__dict__, "target_classes": (2, 3, 4)})
+    attack = make_attack("hitaj", iterations=150, lr=1e-3, per_class=10, width=8, seed=0)
+
+    def hit_rate(images, labels):
+        with torch.no_grad():
+            return float((target((images - setting["mean"]) / setting["std"]).argmax(1) == labels).float().mean())
+
+    before = hit_rate(*attack.samples(10, know))
+    rec = attack.reconstruct(observe(target), know)
+    assert rec.labels.tolist() == [2] * 10 + [3] * 10 + [4] * 10 and 0 <= rec.inputs.min() <= rec.inputs.max() <= 1
+    after = hit_rate(rec.inputs, rec.labels)
+    assert before < 0.6 and after > 0.9, (before, after)
+    g = attack.generator
+    attack.reconstruct(observe(target), know)
+    assert attack.generator is g and attack.steps == 300  # the same generator, trained on
+
+
+@pytest.mark.usefixtures("task_identity")  # tests/conftest.py: Messages need one
+def test_the_active_participant_s_samples_change_what_it_uploads(compose, tmp_path):
+    """The client trains on its own data plus the injected, fake-labelled samples: another update."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fl_sim.client import client_train
+    from fl_sim.malicious import INJECTED_KEY
+    from fl_sim.protocol import train_config
+    from fl_sim.workspace import initial_model, workspace
+
+    cfg = _cfg(compose, tmp_path, "attack=hitaj", "partition=pathological", "partition.classes_per_client=2")
+    ws = workspace(cfg, "client")
+    state = initial_model(cfg, ws.data).state_dict()
+    content = {"arrays": ArrayRecord(state), "config": ConfigRecord(dict(train_config(cfg, 1)))}
+
+    def upload(extra: dict) -> tuple[dict, int]:
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+        reply = client_train(cfg, Message(RecordDict({**content, **extra}), dst_node_id=1, message_type="train"), ctx)
+        return reply.content["arrays"].to_torch_state_dict(), int(reply.content["metrics"]["num-examples"])
+
+    plain, n = upload({})
+    again, _ = upload({})
+    assert all(torch.equal(plain[k], again[k]) for k in plain)  # the same seed: the same update
+    x = torch.rand(6, 1, 8, 8)
+    injected, n_injected = upload({INJECTED_KEY: ArrayRecord({"inputs": x, "labels": torch.zeros(6, dtype=torch.int64)})})
+    assert n_injected == n + 6
+    assert any(not torch.equal(plain[k], injected[k]) for k in plain)
+
+
 def test_knn_distance_and_feature_fid_are_zero_for_the_private_images_themselves():
     from fl_sim.metrics import frechet_distance, nearest
 
@@ -328,6 +378,25 @@ def test_a_participant_inverts_each_round_s_global_model_in_the_simulation(compo
     report = (tmp_path / "run" / "report.md").read_text()
     assert "model inversion by a participant, round by round" in report
     assert all(f"inversion_gmi_round2_class{c}.png" in report for c in s["attacks"][1]["target_classes"])
+
+
+@pytest.mark.e2e
+def test_an_active_participant_trains_its_generator_round_after_round_in_the_simulation(compose, tmp_path):
+    """attack=hitaj on the real simulation: its generator goes on learning across rounds, its samples reach
+    its own training, and every round is scored."""
+    from fl_sim.runner import run
+
+    cfg = compose(["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=3", "num_rounds=2",
+                   "client.local_epochs=1", "partition=pathological", "partition.classes_per_client=2",
+                   "attack=hitaj", "attack.attacker_client=1", "attack.iterations=10", "attack.gan_width=8",
+                   "attack.per_class=2", "attack.injected=4", f"cache_dir={tmp_path / 'c'}"])
+    s = run(cfg, tmp_path / "run")
+    held, entries = s["data"]["division"]["attacker_classes"], s["attacks"]
+    assert [e["round"] for e in entries] == [1, 2] and [e["generator_steps"] for e in entries] == [10, 20]
+    lacking = [c for c in range(5) if c not in held]
+    assert all(e["target_classes"] == lacking and e["injected"] == 4 * len(lacking) for e in entries)
+    assert s["model_inversion"]["fake_class"] == held[0] and "an active participant" in s["model_inversion"]["attacker"]
+    assert s["status"] == "completed" and len(s["rounds"]) == 2
 
 
 @pytest.mark.e2e
