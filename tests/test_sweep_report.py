@@ -12,6 +12,7 @@ from fl_sim.sweep import (
     JSON_NAME,
     PARAMETER_PLOT,
     REPORT_NAME,
+    TRADEOFF_PLOT,
     SweepReportError,
     epsilon_of,
     main,
@@ -147,7 +148,7 @@ def test_markdown_states_delta_accountant_seed_and_shows_infinity(sweep):
 
 def test_pictures_are_written_and_linked(sweep):
     md = write_sweep_report(sweep).read_text()
-    for name in (EPSILON_PLOT, PARAMETER_PLOT):
+    for name in (EPSILON_PLOT, PARAMETER_PLOT, TRADEOFF_PLOT):
         png = sweep / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"]({name})" in md
@@ -257,3 +258,11 @@ def test_model_inversion_and_label_only_entries_are_scored_not_failed(tmp_path):
     assert all(r["attack_entries"] == 1 and r["attack_failures"] == 0 for r in rows)
     assert "MI attack acc. (%)" in md and "| 40.0 |" in md and "| 60.0 |" in md
     assert "50.0 ± 14.1" in md  # the two seeds aggregated
+    # the trade-off picture: one point per setting, attack accuracy against test accuracy, seeds' spread
+    from fl_sim.sweep.plots import tradeoff_points
+    from fl_sim.sweep.runs import aggregate, find_runs, run_row
+
+    groups = aggregate([run_row(r, []) for r in find_runs(sweep)], [])
+    [(name, x, y, xerr, yerr)] = tradeoff_points(groups)["mi_attack_accuracy_mean"]
+    assert (x, y, xerr) == (pytest.approx(90.0), pytest.approx(50.0), 0.0) and yerr == pytest.approx(14.142, abs=1e-3)
+    assert (sweep / TRADEOFF_PLOT).stat().st_size > 10_000 and f"]({TRADEOFF_PLOT})" in md

@@ -30,8 +30,9 @@ The package reads top to bottom: ``runs`` (from run folders to rows and groups),
 as text, and the tables), ``plots`` (the pictures), ``report`` (the files, and ``fl-sim-report``).
 """
 
-from fl_sim.sweep.report import EPSILON_PLOT, JSON_NAME, PARAMETER_PLOT, REPORT_NAME, main, write_sweep_report
+from fl_sim.sweep.report import (EPSILON_PLOT, JSON_NAME, PARAMETER_PLOT, REPORT_NAME, TRADEOFF_PLOT, main,
+                                 write_sweep_report)
 from fl_sim.sweep.runs import SweepReportError, epsilon_of
 
-__all__ = ["EPSILON_PLOT", "JSON_NAME", "PARAMETER_PLOT", "REPORT_NAME", "SweepReportError", "epsilon_of", "main",
-           "write_sweep_report"]
+__all__ = ["EPSILON_PLOT", "JSON_NAME", "PARAMETER_PLOT", "REPORT_NAME", "TRADEOFF_PLOT", "SweepReportError",
+           "epsilon_of", "main", "write_sweep_report"]

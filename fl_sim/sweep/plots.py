@@ -1,6 +1,7 @@
 """A sweep's pictures: ε against final accuracy and attack success (runs without DP at a labelled ∞
-position), and the swept parameter against the same metrics; one line per value of the other swept
-keys, error bars over seeds."""
+position), the swept parameter against the same metrics, one line per value of the other swept keys,
+and the trade-off: attack success against final accuracy, one labelled point per setting; error bars
+over seeds."""
 
 from __future__ import annotations
 
@@ -159,6 +160,47 @@ def plot_parameter(groups: Sequence[dict], x_key: str, st: dict, seeds: str, pat
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
+    fig.suptitle(title(st, seeds), fontsize=8.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return True
+
+
+def tradeoff_points(groups: Sequence[dict]) -> dict[str, list[tuple[str, float, float, float, float]]]:
+    """For each attack metric some completed setting has: (setting's label, final test accuracy %, metric in
+    its unit, the two standard deviations over seeds, 0 with one run) per setting."""
+    pts = [g for g in groups if g["runs"] and g["final_test_accuracy"]["mean"] is not None]
+    out: dict[str, list[tuple[str, float, float, float, float]]] = {}
+    for key, _, scale in _metric_panels(pts):
+        if key == "final_test_accuracy":
+            continue
+        several = lambda g: len(g["runs"]) > 1  # noqa: E731
+        out[key] = [(group_label(g["params"]) or "(one setting)", g["final_test_accuracy"]["mean"] * 100.0,
+                     g[key]["mean"] * scale, (g["final_test_accuracy"]["std"] or 0.0) * 100.0 if several(g) else 0.0,
+                     (g[key]["std"] or 0.0) * scale if several(g) else 0.0)
+                    for g in pts if g[key]["mean"] is not None]
+    return out
+
+
+def plot_tradeoff(groups: Sequence[dict], st: dict, seeds: str, path: Path) -> bool:
+    """The privacy-utility trade-off: final test accuracy (x) against each attack metric (y), one labelled
+    point per setting (the swept values). Returns False when no completed setting has an attack metric."""
+    points = tradeoff_points(groups)
+    if not points:
+        return False
+    labels = {key: label for key, label, _ in _metric_panels([g for g in groups if g["runs"]])}
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points), 4.0), squeeze=False)
+    for ax, (key, pts) in zip(axes[0], points.items()):
+        for i, (name, x, y, xerr, yerr) in enumerate(pts):
+            ax.errorbar([x], [y], xerr=[xerr] if xerr else None, yerr=[yerr] if yerr else None, fmt="o",
+                        color=f"C{i % 10}", capsize=3, ms=6)
+            if len(pts) <= 16:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=f"C{i % 10}")
+        ax.margins(x=0.15, y=0.15)
+        ax.set_xlabel("final test accuracy (%, higher = more useful)")
+        ax.set_ylabel(labels[key] + "\n(lower = more private)")
+        ax.grid(alpha=0.3)
     fig.suptitle(title(st, seeds), fontsize=8.5)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

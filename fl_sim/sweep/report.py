@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from fl_sim.sweep.plots import plot_epsilon, plot_parameter
+from fl_sim.sweep.plots import plot_epsilon, plot_parameter, plot_tradeoff
 from fl_sim.sweep.runs import (REPLICATE_KEY, SweepReportError, Varies, aggregate, find_runs, read_multirun, run_row,
                                setting, swept_keys, task_overrides)
 from fl_sim.sweep.text import delta_text, describe, fmt_param, groups_table, json_safe, runs_table, seeds_text
@@ -20,6 +20,7 @@ REPORT_NAME = "sweep_report.md"
 JSON_NAME = "sweep.json"
 EPSILON_PLOT = "sweep_epsilon.png"
 PARAMETER_PLOT = "sweep_parameter.png"
+TRADEOFF_PLOT = "sweep_tradeoff.png"
 
 
 def write_sweep_report(sweep_dir: str | Path) -> Path:
@@ -51,7 +52,7 @@ def _write(sweep_dir: Path) -> tuple[Path, str]:
 
     pictures: list[tuple[str, str]] = []
     notes: list[str] = []
-    for p in (EPSILON_PLOT, PARAMETER_PLOT):  # never leave a picture of an earlier report behind
+    for p in (EPSILON_PLOT, PARAMETER_PLOT, TRADEOFF_PLOT):  # never leave a picture of an earlier report behind
         (sweep_dir / p).unlink(missing_ok=True)
     x_key = next((k for k in params if len({fmt_param(g["params"][k]) for g in groups if g["runs"]}) > 1), None)
     if plot_epsilon(groups, x_key, st, seeds, sweep_dir / EPSILON_PLOT):
@@ -62,6 +63,8 @@ def _write(sweep_dir: Path) -> tuple[Path, str]:
         pictures.append((PARAMETER_PLOT, f"{x_key} against final test accuracy and attack success"))
     elif params and completed:
         notes.append("No parameter picture: the completed runs share one value of every swept parameter.")
+    if plot_tradeoff(groups, st, seeds, sweep_dir / TRADEOFF_PLOT):
+        pictures.append((TRADEOFF_PLOT, "the trade-off: attack success against final test accuracy, per setting"))
     if completed and not any(r["attack_entries"] for r in completed):
         notes.append("No attack was scored in any completed run: the pictures show accuracy only.")
 
