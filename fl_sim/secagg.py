@@ -80,7 +80,9 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
                            train_loss=sum(
             float(r.metrics["train_loss"]) * int(r.num_examples) for r in results) / max(n_total, 1))
         if participant is not None and participant.wants(rnd, clients):
+            t = time.perf_counter()
             participant.attack(rnd, as_sent(sent))  # the model every sampled client received this round
+            rounds[rnd]["attack_seconds"] += time.perf_counter() - t
         if attack is None or (cfg.attack.rounds and rnd not in cfg.attack.rounds):
             return
         t = time.perf_counter()
@@ -94,7 +96,7 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         job = AttackJob(rnd, clients, "aggregate", Observation(before, after, kind="aggregate"), know)
         for outcome in executor(attack, [job]):
             recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
-        rounds[rnd]["attack_seconds"] = time.perf_counter() - t
+        rounds[rnd]["attack_seconds"] += time.perf_counter() - t
 
     rewrite = malicious_rewrite(cfg, init.state_dict())
 

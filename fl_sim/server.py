@@ -136,8 +136,11 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         sampled = sample_clients(rng, cfg.num_clients, s.fraction_train, s.min_train_clients)
         view = SampledGrid(grid, [node_of[c] for c in sampled])
         messages = list(strategy.configure_train(rnd, arrays, train_config(cfg, rnd), view))
+        participant_seconds = 0.0
         if spy is not None and spy.wants(rnd, sampled):  # the participant attacks the model it is sent
+            t_spy = time.perf_counter()
             spy.attack(rnd, arrays.to_torch_state_dict())
+            participant_seconds = time.perf_counter() - t_spy
             extra = spy.injection()  # an active one (attack=hitaj) trains on its generated samples too
             if extra is not None:
                 messages = [with_injection(m, *extra) if m.metadata.dst_node_id == node_of[spy.client] else m
@@ -182,9 +185,9 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         if central is not None and ok:
             central.released(rnd)
             recorder.privacy = central.summary() if ledger is None else {**recorder.privacy, "central": central.summary()}
-        attack_seconds = 0.0
+        attack_seconds = participant_seconds  # part of the round's seconds, as the server's attacks are
         if isinstance(strategy, AdversarialStrategy):
-            attack_seconds = time.perf_counter() - t_agg
+            attack_seconds += time.perf_counter() - t_agg
             score_attacks(strategy, cfg, ws, recorder)
         if new_arrays is not None:
             arrays = new_arrays if rewrite is None else ArrayRecord(rewrite(new_arrays.to_torch_state_dict()))

@@ -374,6 +374,7 @@ def test_a_participant_inverts_each_round_s_global_model_in_the_simulation(compo
     # round 2's entry scores the model after round 1: its test accuracy is round 1's
     assert s["attacks"][1]["target_test_accuracy"] == pytest.approx(s["rounds"][0]["test_accuracy"])
     assert s["model_inversion"]["rounds_attacked"] == [1, 2]
+    assert all(r["attack_seconds"] > 0 for r in s["rounds"])  # the participant's attack is part of its round
     assert s["model_inversion"]["target"]["test_accuracy"] == s["rounds"][-1]["test_accuracy"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "model inversion by a participant, round by round" in report
