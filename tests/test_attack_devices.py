@@ -100,7 +100,8 @@ def _case(name: str, x: torch.Tensor, y: torch.Tensor, device: str):
                       critic_steps=1),
           "kedmi": dict(iterations=2, samples=2, per_class=1, width=4, latent_dim=8, gan_steps=1, gan_batch_size=8),
           "plgmi": dict(iterations=2, restarts=2, per_class=1, width=4, latent_dim=8, gan_steps=1, gan_batch_size=8,
-                        critic_steps=1, top_k=4)}[name]
+                        critic_steps=1, top_k=4),
+          "hitaj": dict(iterations=2, per_class=1, width=4, latent_dim=8, batch_size=8)}[name]
     attack = make_attack(name, **kw)
     obs = ModelObservation({k: v.detach().clone() for k, v in target.state_dict().items()})
     if hasattr(attack, "fit_prior"):  # as fl_sim.inversion.prepare_prior: the target at the attack's device
@@ -158,7 +159,7 @@ ALL = sorted(ATTACKS)
 
 def test_every_registered_attack_has_a_tiny_case():
     assert set(ALL) == {"dlg", "idlg", "inverting_gradients", "analytic", "imprint", "rmle", "inverse_network",
-                        "unsplit", "fsha", "mi_face", "gmi", "kedmi", "plgmi", "deepinversion"}
+                        "unsplit", "fsha", "mi_face", "gmi", "kedmi", "plgmi", "deepinversion", "hitaj"}
 
 
 @pytest.mark.parametrize("name", ALL)
