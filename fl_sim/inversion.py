@@ -233,7 +233,7 @@ class ParticipantAttack:
         hitaj = cfg.attack.name == "hitaj"
         # hitaj's generator learns from round to round: one attack object (a resumed run starts a new one)
         self.persistent = attack_from_config(cfg.attack) if hitaj else None
-        self.know = knowledge(cfg, ws) if hitaj else None
+        self.know = knowledge(cfg, ws)  # the same every round: the architecture, its own classes, public data
         self.injected = int(cfg.attack.injected) if hitaj else 0
         self.fake = fake_label(cfg, ws.data) if hitaj else None
         if (recorder.model_inversion or {}).get("on") == "client":  # a resumed run: its attacks so far
