@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from defenses.dpsgd import dp_local_train, resolve_grad_sample_mode, steps_per_epoch
 from defenses.inversion import BiDO, inversion_defense_loss, seed_bottlenecks
 from fl_sim.client_mods import secagg_mod, update_defenses_mod
+from fl_sim.cohorts import is_cohort, num_nodes, train_cohort
 from fl_sim.faults import maybe_fail, sends_nan
 from fl_sim.malicious import INJECTED_KEY, as_received
 from fl_sim.privacy import DPBudget, dp_mechanism, restore_dp
@@ -141,7 +142,7 @@ def client_query(cfg: DictConfig, msg: Message, context: Context) -> Message:
     """Client discovery: say which client (partition) this node is, and load its workspace now."""
     cid = int(context.node_config["partition-id"])
     size = int(context.node_config.get("num-partitions", -1))  # the federation's size, as the node knows it
-    if size in (-1, int(cfg.num_clients)):
+    if size in (-1, num_nodes(cfg)):
         workspace(cfg, "client")  # load data and model on this actor now, not in round 1
     return Message(content=RecordDict({"client": ConfigRecord({"partition-id": cid, "num-partitions": size})}),
                    reply_to=msg)
@@ -161,6 +162,9 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
         cfg = get_cfg(context)
         if cfg.scenario.name == "split":
             return client_split_step(cfg, msg, context)
+        if is_cohort(msg):  # many virtual clients on this node: each trains in turn, through its own mods
+            defenses = update_defenses_mod(get_cfg)
+            return train_cohort(msg, context, lambda m, c: defenses(m, c, lambda mm, cc: client_train(cfg, mm, cc)))
         return (client_train_legacy if cfg.defense.secagg else client_train)(cfg, msg, context)
 
     @app.query()

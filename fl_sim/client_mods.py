@@ -16,6 +16,7 @@ from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_m
 from omegaconf import DictConfig
 
 from defenses.mods import noise_mod, prune_mod, quantize_mod
+from fl_sim.cohorts import is_cohort
 from fl_sim.sampling import round_seed
 
 
@@ -72,6 +73,8 @@ def update_defenses_mod(get_cfg: Callable[[Context], DictConfig]):
     prune, then quantize, then noise — the config is read per message (``flwr run`` knows it only then)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
+        if is_cohort(msg):  # each of its clients' updates passes through the defenses on its own (fl_sim.cohorts)
+            return call_next(msg, context)
         cfg = get_cfg(context)
         d, seed, chain = cfg.defense, cfg.seed, call_next
         wanted = []

@@ -198,6 +198,7 @@ class BackendConfig:
     num_gpus: Optional[int] = None
     max_actor_restarts: int = -1  # Ray restarts a client actor whose process died (-1: always)
     connect_timeout: float = 60.0  # seconds the server waits for num_clients clients to connect
+    clients_per_node: Optional[int] = None  # virtual clients per simulated node (fl_sim.cohorts); None: auto
 
 
 @dataclass

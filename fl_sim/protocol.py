@@ -45,8 +45,9 @@ def _refuse_other_size(size: int | None, k: int) -> None:
             f"SuperNodes with --node-config 'partition-id=I num-partitions={k}') or run with num_clients={size}")
 
 
-def discover_clients(grid: Grid, cfg: DictConfig) -> dict[int, int]:
-    """Ask every node which client (partition) it is; return {client id: node id}.
+def discover_clients(grid: Grid, cfg: DictConfig, k: int | None = None) -> dict[int, int]:
+    """Ask every node which client (partition) it is; return {client id: node id}. ``k``: the number
+    of nodes expected (default ``num_clients``; with cohorts, ``fl_sim.cohorts.num_nodes``).
 
     Every reply also says how many partitions the node's federation has: a federation of another size
     than ``num_clients`` (``flwr run`` with too few or too many SuperNodes) is refused at once, with both
@@ -56,7 +57,7 @@ def discover_clients(grid: Grid, cfg: DictConfig) -> dict[int, int]:
     so that a federation of another size fails at once, and the server waits ``backend.connect_timeout``
     seconds (not the round timeout) for the others; fewer fail the run with one line. Answering the
     query, a client loads its data: that is work, bounded by ``round_timeout``."""
-    k, timeout = int(cfg.num_clients), float(cfg.backend.connect_timeout)
+    k, timeout = int(cfg.num_clients if k is None else k), float(cfg.backend.connect_timeout)
     deadline, probed = time.monotonic() + timeout, False
     while len(node_ids := list(grid.get_node_ids())) < k:
         if node_ids and not probed:

@@ -76,6 +76,7 @@ class RunRecorder:
         self.attacks: list[dict] = []
         self.skipped_attacks: list[dict] = []
         self.privacy: dict | None = None
+        self.simulation: dict = {}  # how the clients map onto simulated nodes (fl_sim.cohorts)
         self.data_info: dict | None = None
         self.model_info: dict | None = None
         self.model_inversion: dict | None = None  # model inversion: attacker, division, target, evaluation classifier
@@ -182,6 +183,7 @@ class RunRecorder:
             "model": self.model_info,
             **({"model_inversion": self.model_inversion} if self.model_inversion is not None else {}),
             "network": self.network,
+            "simulation": self.simulation,
             "devices": {party: sorted(d) for party, d in self.devices.items()},
             "warnings": self.warnings,
             "run_dir": str(self.run_dir.resolve()),

@@ -25,6 +25,7 @@ from defenses.inversion import bottlenecks
 from fl_sim import checkpoint
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
+from fl_sim.cohorts import clients_per_node, num_nodes
 from fl_sim.config import Config, ConfigError, register_configs
 from fl_sim.inversion import division, fake_label, is_model_inversion, target_classes
 from fl_sim.models import num_parameters
@@ -156,6 +157,7 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
             raise
         raise ConfigError(f"{e} (dataset={cfg.dataset.name})") from e
     d = ws.data
+    recorder.simulation = {"nodes": num_nodes(cfg), "clients_per_node": clients_per_node(cfg)}
     # central evaluation and the attacks in the server process; split learning's server side (its part of the
     # model, FSHA) computes on the CPU (fl_sim.split.server)
     recorder.ran_on("server", "cpu" if cfg.scenario.name == "split" else str(ws.device))
@@ -218,7 +220,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = 
             simulation.run_simulation(
                 server_app=make_server_app(cfg, recorder, resume_from),
                 client_app=make_client_app(plain),
-                num_supernodes=cfg.num_clients,
+                num_supernodes=num_nodes(cfg),
                 backend_config=backend_config(cfg),
                 verbose_logging=bool(cfg.verbose),
             )

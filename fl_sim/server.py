@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl_sim import checkpoint
 from fl_sim.attacking import adversarial_server
+from fl_sim.cohorts import CohortGrid, clients_per_node, num_nodes
 from fl_sim.evaluator import evaluate_outcome
 from fl_sim.faults import failure_reason
 from fl_sim.inversion import attack_final_model, is_model_inversion, participant_attack
@@ -106,7 +107,11 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         strategy = with_central_dp(strategy, side=str(d.central_side), clipping=str(d.central_clipping),
                                    noise_multiplier=float(d.central_noise_multiplier),
                                    clipping_norm=float(d.clipping_norm), num_sampled_clients=central.num_sampled)
-    node_of = discover_clients(grid, cfg)
+    if clients_per_node(cfg) > 1:  # cohorts: the loop speaks to virtual nodes, one per client
+        grid = CohortGrid(grid, discover_clients(grid, cfg, num_nodes(cfg)), cfg)
+        node_of = grid.node_of()
+    else:
+        node_of = discover_clients(grid, cfg)
     client_of = {n: c for c, n in node_of.items()}
     # NaN/Inf in an update is rejected and reported, never averaged (nor clipped by a DP wrapper)
     guard = strategy = RejectNonFinite(strategy, client_of=lambda m: client_of.get(m.metadata.src_node_id, -1))
@@ -163,8 +168,9 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         stragglers = len(late) + sum(float(m.content["client"].get("delay", 0.0)) > 0 for m in ok)
         recorder.ran_on("clients", *(str(m.content["client"].get("device", "?")) for m in ok))
         if not ok:
-            reasons = "; ".join(f"client {c}: {r.splitlines()[-1] if r else '?'}" for c, r in failures.items())
-            raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons})")
+            reasons = "; ".join(f"client {c}: {failure_reason(r)}" for c, r in list(failures.items())[:3])
+            more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+            raise RuntimeError(f"round {rnd}: every sampled client failed ({reasons}{more})")
         recorder.client_losses(rnd, {client_of.get(m.metadata.src_node_id, -1): float(m.content["metrics"]["train_loss"])
                                      for m in ok if "train_loss" in m.content["metrics"]}, ws.data.num_classes)
         if ledger is not None:  # DP-SGD clients report their ε; those out of budget sent no model

@@ -203,6 +203,12 @@ def validate(cfg: Any) -> None:
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")
     _need(cfg.backend.connect_timeout > 0,
           f"backend.connect_timeout must be > 0 seconds (got {cfg.backend.connect_timeout})")
+    per_node = cfg.backend.get("clients_per_node")
+    _need(per_node is None or per_node >= 1,
+          f"backend.clients_per_node must be at least 1, or null for automatic (got {per_node})")
+    _need(per_node is None or per_node == 1 or not (cfg.scenario.name == "split" or cfg.defense.secagg),
+          f"backend.clients_per_node={per_node}: cohorts are for federated runs without SecAgg+ (SecAgg+ and split "
+          "learning need one node per client); set backend.clients_per_node=1 or null")
     res = cfg.backend.client_resources
     _need(res.num_cpus > 0, f"backend.client_resources.num_cpus must be > 0 (got {res.num_cpus})")
     _need(cfg.backend.max_actor_restarts >= -1,

@@ -1,0 +1,186 @@
+"""Cohorts: many virtual clients per simulated node, for cross-device scale.
+
+Flower's simulation engine pays for every node: its in-memory link state looks up each node's
+messages by scanning every stored message, ten times a second, so a round costs about 17.5 ms per
+node before any training at 1,000 nodes on 2 cores, and the driver keeps a context per node
+(``benchmarks/simulation_overhead.py --scale`` measures it). With ``backend.clients_per_node`` K > 1
+the run has ceil(num_clients / K) nodes, and node h hosts clients h·K … h·K + K − 1. A round still
+speaks to *clients*: the strategy, the adversarial server, the guard, the privacy ledger and the
+failure accounting see one train message and one reply per client, addressed by a virtual node id
+(``CohortGrid``). Only the transport is packed: the messages to one node's sampled clients travel as
+one message (records they share, such as the global model, once), and its reply carries one update
+per client (``pack``/``unpack``). On the node, every client trains in turn with its own partition,
+seeds, mods and its own state (DP budget) kept in the node's Flower context under its id
+(``train_cohort``). A client that fails (drop-out, crash) fails alone; a node whose process dies
+takes its sampled clients of that round with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Iterable
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp.client_app import ClientAppException
+from flwr.common.constant import ErrorCode
+from omegaconf import DictConfig
+
+COHORT_KEY = "fl_sim.cohort"  # the packing record of a cohort message (and of its reply)
+VIRTUAL_BASE = 1 << 48  # virtual node ids: VIRTUAL_BASE + client id (server side only)
+AUTO_NODES = 100  # ``clients_per_node: null`` keeps at most this many nodes
+
+
+def clients_per_node(cfg: DictConfig) -> int:
+    """K, the clients each simulated node hosts: ``backend.clients_per_node``, or (null) 1 up to
+    ``AUTO_NODES`` clients and ceil(num_clients / AUTO_NODES) beyond, for federated runs without
+    SecAgg+ (SecAgg+ and split learning keep one node per client)."""
+    k = cfg.backend.get("clients_per_node")
+    if k is not None:
+        return int(k)
+    if cfg.scenario.name == "split" or cfg.defense.secagg:
+        return 1
+    return max(1, math.ceil(int(cfg.num_clients) / AUTO_NODES))
+
+
+def num_nodes(cfg: DictConfig) -> int:
+    """How many simulated nodes (Flower SuperNodes) the run has."""
+    return math.ceil(int(cfg.num_clients) / clients_per_node(cfg))
+
+
+def members(cfg: DictConfig, host: int) -> range:
+    """The clients node ``host`` (its partition id) hosts."""
+    k = clients_per_node(cfg)
+    return range(host * k, min(int(cfg.num_clients), (host + 1) * k))
+
+
+def virtual_id(client: int) -> int:
+    return VIRTUAL_BASE + int(client)
+
+
+class CohortGrid:
+    """The Grid as the server loop sees it with cohorts: one virtual node per client. Messages to
+    virtual nodes are packed per host node on the way out and unpacked on the way back."""
+
+    def __init__(self, grid: Any, host_node: dict[int, int], cfg: DictConfig):
+        self._grid = grid
+        self._k = clients_per_node(cfg)
+        self._n = int(cfg.num_clients)
+        self._host_node = dict(host_node)  # host (partition id) -> Flower node id
+
+    def node_of(self) -> dict[int, int]:
+        """{client: virtual node id}."""
+        return {c: virtual_id(c) for c in range(self._n)}
+
+    def get_node_ids(self) -> list[int]:
+        return [virtual_id(c) for c in range(self._n)]
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        by_host: dict[int, dict[int, Message]] = {}
+        for m in messages:
+            c = int(m.metadata.dst_node_id) - VIRTUAL_BASE
+            if not 0 <= c < self._n:
+                raise ValueError(f"message to node {m.metadata.dst_node_id}, which is no client of this run")
+            by_host.setdefault(c // self._k, {})[c] = m
+        packed = {}
+        for host, ins in by_host.items():
+            first = next(iter(ins.values()))
+            out = Message(pack(ins), dst_node_id=self._host_node[host], message_type=first.metadata.message_type)
+            packed[host] = (out, ins)
+        replies: list[Message] = []
+        host_of_node = {node: host for host, node in self._host_node.items()}
+        for reply in self._grid.send_and_receive([m for m, _ in packed.values()], timeout=timeout):
+            replies += unpack(reply, packed[host_of_node[reply.metadata.src_node_id]][1])
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _pack_records(per_client: dict[int, RecordDict]) -> RecordDict:
+    """One RecordDict holding every client's records, each distinct record object once."""
+    out: dict[str, Any] = {}
+    names: dict[int, str] = {}  # id(record) -> its name in ``out``
+    index: dict[str, Any] = {"clients": [int(c) for c in per_client]}
+    for c, content in per_client.items():
+        refs = []
+        for key, record in content.items():
+            if id(record) not in names:
+                names[id(record)] = f"r{len(names)}"
+                out[names[id(record)]] = record
+            refs.append(f"{key}={names[id(record)]}")
+        index[f"c{c}"] = refs
+    return RecordDict({**out, COHORT_KEY: ConfigRecord(index)})
+
+
+def _unpack_records(content: RecordDict) -> dict[int, RecordDict]:
+    index = content[COHORT_KEY]
+    per_client = {}
+    for c in index["clients"]:
+        refs = index.get(f"c{c}", [])
+        per_client[int(c)] = RecordDict({key: content[name] for key, name in (r.split("=", 1) for r in refs)})
+    return per_client
+
+
+def pack(instructions: dict[int, Message]) -> RecordDict:
+    """The content of one node's cohort message: each sampled client's train message."""
+    return _pack_records({c: m.content for c, m in instructions.items()})
+
+
+def unpack(reply: Message, instructions: dict[int, Message]) -> list[Message]:
+    """A node's cohort reply as one reply per client, each from that client's virtual node (a node
+    that failed as a whole fails each of its clients with its error)."""
+    if reply.has_error():
+        return [Message(error=Error(reply.error.code, reply.error.reason), reply_to=m) for m in instructions.values()]
+    content = reply.content
+    errors = content[COHORT_KEY] if COHORT_KEY in content else ConfigRecord({})
+    out = [Message(content=rd, reply_to=instructions[c]) for c, rd in _unpack_records(content).items()
+           if c in instructions]
+    for c in errors.get("failed", []):
+        error = Error(int(errors[f"code{c}"]), str(errors[f"error{c}"]))
+        out.append(Message(error=error, reply_to=instructions[int(c)]))
+    return out
+
+
+def is_cohort(msg: Message) -> bool:
+    return msg.has_content() and COHORT_KEY in msg.content
+
+
+def _state_key(c: int, key: str) -> str:
+    return f"client{c}.{key}"
+
+
+def train_cohort(msg: Message, context: Context,
+                 train_one: Callable[[Message, Context], Message]) -> Message:
+    """A node's cohort message: every client in it trains in turn (``train_one``: the client's
+    training with its mods), in its own context (partition id, state kept under its id in the
+    node's); one reply carries every client's reply, and the failures, each with its reason."""
+    per_client = _unpack_records(msg.content)
+    replies: dict[int, RecordDict] = {}
+    failed: dict[str, Any] = {"failed": []}
+    for c, content in per_client.items():
+        prefix = _state_key(c, "")
+        state = RecordDict({k[len(prefix):]: v for k, v in context.state.items() if k.startswith(prefix)})
+        ctx = Context(run_id=context.run_id, node_id=context.node_id,
+                      node_config={**context.node_config, "partition-id": c}, state=state,
+                      run_config=context.run_config)
+        sub = Message(content=content, metadata=copy.copy(msg.metadata))  # as if sent to this client alone
+        try:
+            out = train_one(sub, ctx)
+        except Exception as e:  # noqa: BLE001 - one client's failure is that client's, as Flower reports it
+            failed["failed"].append(c)
+            wrapped = ClientAppException(str(e))  # reported as Flower reports a client's exception
+            failed[f"code{c}"] = int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+            failed[f"error{c}"] = str(type(wrapped)) + ":<'" + str(wrapped) + "'>"
+            continue
+        for k, v in ctx.state.items():
+            context.state[_state_key(c, k)] = v
+        if out.has_error():
+            failed["failed"].append(c)
+            failed[f"code{c}"], failed[f"error{c}"] = int(out.error.code), str(out.error.reason)
+        else:
+            replies[c] = out.content
+    content = _pack_records(replies)
+    index = dict(content[COHORT_KEY].items())
+    content[COHORT_KEY] = ConfigRecord({**index, **failed})
+    return Message(content=content, reply_to=msg)

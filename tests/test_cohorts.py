@@ -1,0 +1,143 @@
+"""Cohorts (fl_sim.cohorts): many virtual clients per simulated node, each still its own client."""
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from fl_sim.cohorts import (COHORT_KEY, CohortGrid, clients_per_node, num_nodes, pack, train_cohort, unpack,
+                            virtual_id)
+from fl_sim.config import ConfigError, compose
+from fl_sim.validation import validate
+
+
+def _instructions(clients, shared, extra=None):
+    out = {}
+    for c in clients:
+        content = extra[c] if extra and c in extra else shared
+        out[c] = Message(content, dst_node_id=virtual_id(c), message_type="train")
+    return out
+
+
+def test_clients_per_node_auto_keeps_one_node_per_client_up_to_100_clients():
+    assert clients_per_node(compose(["num_clients=100"])) == 1
+    assert clients_per_node(compose(["num_clients=1000"])) == 10 and num_nodes(compose(["num_clients=1000"])) == 100
+    assert num_nodes(compose(["num_clients=10001"])) == 100  # ceil(10001 / 101)
+    assert clients_per_node(compose(["num_clients=1000", "defense=secagg"])) == 1
+    assert num_nodes(compose(["num_clients=7", "backend.clients_per_node=3"])) == 3
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["backend.clients_per_node=0"], "backend.clients_per_node must be at least 1"),
+    (["backend.clients_per_node=4", "defense=secagg"], "cohorts are for federated runs without SecAgg+"),
+    (["backend.clients_per_node=4", "scenario=split", "model=mlp", "attack=none"], "cohorts are for federated runs"),
+])
+def test_bad_clients_per_node_is_one_line(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        validate(compose(overrides))
+
+
+def test_pack_carries_shared_records_once_and_a_clients_own_records_beside_them(task_identity):
+    model = ArrayRecord({"w": __import__("torch").zeros(3)})
+    config = ConfigRecord({"server-round": 1})
+    shared = RecordDict({"arrays": model, "config": config})
+    tampered = RecordDict({"arrays": ArrayRecord({"w": __import__("torch").ones(3)}), "config": config})
+    content = pack(_instructions([4, 5, 6], shared, {5: tampered}))
+    records = [k for k in content.keys() if k != COHORT_KEY]
+    assert len(records) == 3  # the global model, the config, client 5's own model
+    assert content[COHORT_KEY]["clients"] == [4, 5, 6]
+
+
+def _node_context(node_id=7):
+    return Context(run_id=1, node_id=node_id, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+
+def test_train_cohort_gives_each_client_its_own_id_state_and_failure(task_identity):
+    """Every client trains with its own partition id and its own state record (kept in the node's context
+    under its id, across rounds); one client's exception fails that client only."""
+    seen = []
+
+    def train_one(msg, ctx):
+        cid = int(ctx.node_config["partition-id"])
+        seen.append(cid)
+        if cid == 2:
+            raise RuntimeError("client 2 crashed")
+        count = int(ctx.state["mine"]["n"]) + 1 if "mine" in ctx.state else 1
+        ctx.state["mine"] = ConfigRecord({"n": count, "cid": cid})
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 10 + cid})}), reply_to=msg)
+
+    shared = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    ins = _instructions([1, 2, 3], shared)
+    packed = Message(pack(ins), dst_node_id=7, message_type="train")
+    node = _node_context()
+    for _ in range(2):  # two rounds on the same node context
+        reply = train_cohort(packed, node, train_one)
+    assert seen == [1, 2, 3, 1, 2, 3]
+    assert {k: dict(v) for k, v in node.state.items()} == {"client1.mine": {"n": 2, "cid": 1},
+                                                          "client3.mine": {"n": 2, "cid": 3}}
+    # the server side: one reply per client, from its virtual node; the crash is client 2's error
+    back = unpack(reply, ins)
+    by_src = {m.metadata.src_node_id: m for m in back}
+    assert set(by_src) == {virtual_id(1), virtual_id(2), virtual_id(3)}
+    assert by_src[virtual_id(2)].has_error() and "client 2 crashed" in by_src[virtual_id(2)].error.reason
+    assert int(by_src[virtual_id(3)].content["metrics"]["num-examples"]) == 13
+    assert not by_src[virtual_id(1)].has_error()
+
+
+def test_a_node_that_fails_as_a_whole_fails_each_of_its_clients(task_identity):
+    ins = _instructions([0, 1], RecordDict({"config": ConfigRecord({"server-round": 1})}))
+    packed = Message(pack(ins), dst_node_id=7, message_type="train")
+    packed.metadata.__dict__["_message_id"] = "m1"
+    dead = Message(error=Error(3, "actor died"), reply_to=packed)
+    back = unpack(dead, ins)
+    assert [m.has_error() and m.error.reason == "actor died" for m in back] == [True, True]
+    assert {m.metadata.src_node_id for m in back} == {virtual_id(0), virtual_id(1)}
+
+
+class _Grid:
+    """Two host nodes that answer a cohort message by training nothing: each client echoes its round."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            self.sent.append((m.metadata.dst_node_id, list(m.content[COHORT_KEY]["clients"])))
+            m.metadata.__dict__["_message_id"] = f"to{m.metadata.dst_node_id}"
+            out.append(train_cohort(m, _node_context(m.metadata.dst_node_id), lambda msg, ctx: Message(
+                RecordDict({"client": ConfigRecord({"partition-id": int(ctx.node_config["partition-id"])})}),
+                reply_to=msg)))
+        return out
+
+
+def test_cohort_grid_sends_one_message_per_host_and_returns_one_reply_per_client(task_identity):
+    cfg = compose(["num_clients=5", "backend.clients_per_node=2"])
+    inner = _Grid()
+    grid = CohortGrid(inner, {0: 100, 1: 101, 2: 102}, cfg)
+    assert grid.get_node_ids() == [virtual_id(c) for c in range(5)]
+    shared = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    replies = grid.send_and_receive(list(_instructions([0, 3, 4, 1], shared).values()))
+    assert sorted(inner.sent) == [(100, [0, 1]), (101, [3]), (102, [4])]
+    assert sorted((m.metadata.src_node_id, int(m.content["client"]["partition-id"])) for m in replies) == [
+        (virtual_id(c), c) for c in (0, 1, 3, 4)]
+    with pytest.raises(ValueError, match="no client of this run"):
+        grid.send_and_receive([Message(shared, dst_node_id=5, message_type="train")])
+
+
+@pytest.mark.e2e
+def test_a_cohort_run_equals_one_node_per_client_with_dp_budgets_and_crashes(compose, tmp_path):
+    """The same run with 6 clients on 6 nodes and on 2 nodes of 3: bit-identical rounds, failures and
+    per-client DP budgets (kept in each client's own state across rounds), on the real simulation."""
+    from fl_sim.runner import run
+
+    common = ["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=6", "num_rounds=2", "client.lr=0.1",
+              "client.local_epochs=1", "attack=none", "defense=dpsgd", "faults.client_crash_rate=0.25"]
+    alone = run(compose(common + ["backend.clients_per_node=1"]), tmp_path / "alone")
+    cohort = run(compose(common + ["backend.clients_per_node=3"]), tmp_path / "cohort")
+    assert sum(r["failures"] for r in alone["rounds"]) > 0  # the premise: some client crashed
+    drop = {"seconds", "attack_seconds"}
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in cohort["rounds"]]
+            == [{k: v for k, v in r.items() if k not in drop} for r in alone["rounds"]])
+    assert cohort["privacy"]["clients"] == alone["privacy"]["clients"]
+    assert all(len(c["rounds"]) >= 1 for c in cohort["privacy"]["clients"].values())
+    assert cohort["simulation"] == {"nodes": 2, "clients_per_node": 3}
+    assert alone["simulation"] == {"nodes": 6, "clients_per_node": 1}
