@@ -7,6 +7,17 @@ process with all its CPU threads, the simulation on Ray actors (one CPU each by 
 
     python benchmarks/simulation_overhead.py [--width 16] [--rounds 5] [--clients 20] [--out FILE]
 
+Cross-device scale (issue 13): ``--model mlp`` trains FedAvg's 2NN on the mnist digits split over
+``--clients`` clients (all sampled, 3 local epochs as the default config), ``--experiment cross_device``
+FedProx's synthetic devices with logistic regression. Each side (plain loop, simulation) runs in a
+process of its own, so that each peak memory is its own: the driver's (ru_maxrss) and the client
+actors' (their resident memory, sampled every 0.2 s). ``--clients-per-node K`` sets the cohort size
+(default: fl_sim's automatic choice; 1: one node per client, as before cohorts). ``--scale 10,100,1000``
+runs the list and writes one row per size.
+
+    python benchmarks/simulation_overhead.py --model mlp --clients 1000 --rounds 3
+    python benchmarks/simulation_overhead.py --experiment cross_device --scale 10,100,1000,10000 --rounds 3
+
 Prints a table and writes JSON (default: benchmarks/simulation_overhead.json).
 """
 
@@ -60,16 +71,56 @@ def plain_loop(cfg) -> dict:
         global_model.load_state_dict(avg)
         _, acc = evaluate(global_model, xt, yt, cfg.eval_batch_size)
         rounds.append({"round": rnd, "seconds": time.perf_counter() - t, "test_accuracy": acc})
-    return {"setup_seconds": setup, "rounds": rounds, "wall_seconds": time.perf_counter() - t0}
+    return {"setup_seconds": setup, "rounds": rounds, "wall_seconds": time.perf_counter() - t0,
+            "driver_peak_gb": driver_peak_gb()}
+
+
+class ActorMemory:
+    """Peak resident memory of each client actor process (Ray's ``ray::ClientAppActor`` workers), sampled."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every: float) -> None:
+        import psutil
+
+        while not self._stop.wait(every):
+            for p in psutil.process_iter(["name", "cmdline"]):
+                try:
+                    title = " ".join(p.info["cmdline"] or [])
+                    if "ClientAppActor" in title:
+                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def driver_peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def simulation(cfg) -> dict:
     from fl_sim.runner import run
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, ActorMemory() as actors:
         s = run(cfg, Path(d) / "run")
-    return {"startup_seconds": s["timing"]["startup_seconds"],
+    return {"startup_seconds": s["timing"]["startup_seconds"], "simulation": s["simulation"],
+            "driver_peak_gb": driver_peak_gb(),
+            "actor_peak_gb": max(actors.peak.values(), default=0) / 2**30, "actors": len(actors.peak),
             "rounds": [{"round": r["round"], "seconds": r["seconds"], "test_accuracy": r["test_accuracy"]}
                        for r in s["rounds"]],
             "wall_seconds": time.perf_counter() - t0}
@@ -81,6 +132,83 @@ def steady(rounds: list[dict]) -> float:
     return statistics.mean(rest)
 
 
+def overrides(args, clients: int) -> list[str]:
+    """The config of one measurement: the convnet setting of issue 2, or a cross-device one."""
+    common = [f"num_clients={clients}", f"num_rounds={args.rounds}", "device=cpu", "report=false", "checkpoint=false",
+              f"backend.client_resources.num_cpus={args.num_cpus_per_client}", "attack=none"]
+    if args.clients_per_node is not None:
+        common.append(f"backend.clients_per_node={args.clients_per_node}")
+    if args.experiment:
+        return [f"experiment={args.experiment}", "strategy.fraction_train=1.0", *common]
+    if args.model == "mlp":
+        return ["dataset=mnist", "model=mlp", *common]
+    return ["dataset=mnist", "model=convnet", f"model.width={args.width}", "client.local_epochs=1", *common]
+
+
+def one(args) -> dict:
+    """One side (``--one plain|simulation``) in this process: its result as JSON on stdout's last line."""
+    from fl_sim.config import compose
+
+    cfg = compose(overrides(args, args.clients))
+    out = plain_loop(cfg) if args.one == "plain" else simulation(cfg)
+    out["steady_round_seconds"] = steady(out["rounds"])
+    print(json.dumps(out))
+    return out
+
+
+def side(args, which: str, clients: int) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--one", which, "--clients", str(clients), "--rounds", str(args.rounds),
+           "--width", str(args.width), "--model", args.model, "--num-cpus-per-client", str(args.num_cpus_per_client)]
+    if args.experiment:
+        cmd += ["--experiment", args.experiment]
+    if args.clients_per_node is not None:
+        cmd += ["--clients-per-node", str(args.clients_per_node)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{which} with {clients} clients failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def scale(args) -> None:
+    """One row per size: plain loop and simulation, each in its own process, side by side."""
+    rows = []
+    for n in [int(v) for v in args.scale.split(",")]:
+        plain, sim = side(args, "plain", n), side(args, "simulation", n)
+        row = {"clients": n, **sim["simulation"],
+               "plain_steady_round_seconds": plain["steady_round_seconds"],
+               "simulation_steady_round_seconds": sim["steady_round_seconds"],
+               "ratio_steady_round": sim["steady_round_seconds"] / plain["steady_round_seconds"],
+               "simulation_first_round_seconds": sim["rounds"][0]["seconds"],
+               "startup_seconds": sim["startup_seconds"],
+               "driver_peak_gb": sim["driver_peak_gb"], "actor_peak_gb": sim["actor_peak_gb"], "actors": sim["actors"],
+               "plain_driver_peak_gb": plain["driver_peak_gb"],
+               "final_test_accuracy": {"plain": plain["rounds"][-1]["test_accuracy"],
+                                       "simulation": sim["rounds"][-1]["test_accuracy"]},
+               "wall_seconds": {"plain": plain["wall_seconds"], "simulation": sim["wall_seconds"]}}
+        rows.append(row)
+        print(f"{n:>7} clients on {row['nodes']:>4} nodes: {row['simulation_steady_round_seconds']:7.2f} s/round "
+              f"(plain {row['plain_steady_round_seconds']:.2f}, ratio {row['ratio_steady_round']:.2f}), start-up "
+              f"{row['startup_seconds']:.1f} s, driver peak {row['driver_peak_gb']:.2f} GB, actor peak "
+              f"{row['actor_peak_gb']:.2f} GB", flush=True)
+    from fl_sim.config import compose
+
+    cfg = compose(overrides(args, rows[0]["clients"]))
+    setting = {"config_overrides": overrides(args, rows[0]["clients"]),
+               "dataset": cfg.dataset.name, "model": cfg.model.name, "hidden": list(cfg.model.hidden),
+               "rounds": args.rounds, "local_epochs": cfg.client.local_epochs, "batch_size": cfg.client.batch_size,
+               "fraction_train": cfg.strategy.fraction_train, "cpus": os.cpu_count(),
+               "client_num_cpus": args.num_cpus_per_client, "python": platform.python_version(),
+               "torch": torch.__version__,
+               "reference": "plain: the same clients trained one after another in one process with all its threads "
+                            "(fl_sim.training.local_train, FedAvg in double precision, central evaluation); "
+                            "simulation: fl-sim's run on Flower/Ray, the setting a user gets",
+               "steady": "mean seconds per round after the first"}
+    Path(args.out).write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=16, help="convnet width (paper: 64)")
@@ -88,7 +216,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     ap.add_argument("--num-cpus-per-client", type=float, default=1.0)
+    ap.add_argument("--model", default="convnet", choices=["convnet", "mlp"])
+    ap.add_argument("--experiment", default=None, help="a preset instead (cross_device: FedProx's synthetic devices)")
+    ap.add_argument("--clients-per-node", type=int, default=None)
+    ap.add_argument("--scale", default=None, help="comma-separated client counts: one row each")
+    ap.add_argument("--one", default=None, choices=["plain", "simulation"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one:
+        one(args)
+        return
+    if args.model == "mlp" or args.experiment or args.scale:
+        args.scale = args.scale or str(args.clients)
+        scale(args)
+        return
 
     from fl_sim.config import compose
 

@@ -32,6 +32,15 @@ class DatasetConfig:
     test_fraction: float = 0.2  # held out for central evaluation
     max_examples: Optional[int] = None  # keep the first N (after shuffling) if set
     normalize: bool = True  # per-channel mean/std of the training split
+    # synthetic (FedProx's synthetic(alpha, beta), conf/dataset/synthetic.yaml)
+    alpha: float = 1.0
+    beta: float = 1.0
+    iid: bool = False
+    dimension: int = 60
+    classes: int = 10
+    size_mean: float = 4.0
+    size_sigma: float = 2.0
+    min_size: int = 1
 
 
 @dataclass

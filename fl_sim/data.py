@@ -111,6 +111,23 @@ def partition_indices(y: np.ndarray, part_cfg, num_clients: int, seed: int) -> l
     return parts
 
 
+def synthetic_data(ds_cfg, part_cfg, num_clients: int, seed: int) -> FederatedData:
+    """FedProx's synthetic devices (``fl_sim.synthetic``), one per client: with partition=natural each
+    client holds its device's training examples; another partition pools them and splits the pool."""
+    from fl_sim.synthetic import generate
+
+    x, y, owner, x_test, y_test = generate(ds_cfg, num_clients, seed)
+    if part_cfg.name == "natural":
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(num_clients + 1))
+        parts = [order[bounds[k]:bounds[k + 1]] for k in range(num_clients)]
+    else:
+        parts = partition_indices(y, part_cfg, num_clients, seed)
+    d = x.shape[1]
+    return FederatedData(x, y, x_test, y_test, parts, int(ds_cfg.classes), np.zeros(d, np.float32),
+                         np.ones(d, np.float32))
+
+
 def divide_classes(num_classes: int, private: list[int] | tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(private classes, public classes) of a dataset; ``private`` empty: the lower half of the classes."""
     chosen = tuple(sorted(set(int(c) for c in private))) or tuple(range(num_classes // 2))
@@ -134,6 +151,11 @@ def build_federated_data(ds_cfg, part_cfg, num_clients: int, seed: int, auxiliar
     clients (relabelled 0..P-1, in order) and to the test split the global model is evaluated on; the
     training examples of every other class are the attacker's auxiliary public data (``[]``: the lower
     half of the classes is private)."""
+    if ds_cfg.name == "synthetic":  # generated per device: the devices are the clients (partition=natural)
+        return synthetic_data(ds_cfg, part_cfg, num_clients, seed)
+    if part_cfg.name == "natural":
+        raise ConfigError(f"partition=natural keeps the clients a dataset generates itself (dataset=synthetic); "
+                          f"dataset={ds_cfg.name} has none: choose partition=iid, dirichlet or pathological")
     x, y, x_test, y_test = load_arrays(ds_cfg)
     if x.ndim != 4 or len(x) != len(y) or len(x) == 0:
         raise ConfigError(f"dataset={ds_cfg.name}: expected N images with N labels, got {x.shape} and {y.shape}")

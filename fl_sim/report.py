@@ -20,6 +20,23 @@ def _fmt(v, digits=4):
     return str(v)
 
 
+def plot_client_sizes(sizes: list[int], path: Path) -> None:
+    """A histogram of the clients' training-set sizes (log-spaced bins: cross-device sizes follow a power law)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    lo, hi = max(1, min(sizes)), max(sizes)
+    bins = np.unique(np.geomspace(lo, hi + 1, 30).astype(int)) if hi > lo else [lo, lo + 1]
+    ax.hist(sizes, bins=bins)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples per client")
+    ax.set_ylabel("clients")
+    ax.set_title(f"{len(sizes):,} clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_training_curves(rounds: list[dict], path: Path) -> None:
     r = [e["round"] for e in rounds]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -139,6 +156,14 @@ def attacks_section(summary: dict) -> list[str]:
     return out
 
 
+def _nodes(sim: dict) -> str:
+    k = sim.get("clients_per_node", 1)
+    return f"; simulated on {sim['nodes']:,} nodes of up to {k} clients each (cohorts)" if k > 1 else ""
+
+
+PRIVACY_ROWS = 20  # beyond this many clients, the report summarises ε over them
+
+
 def _eps(v, infinite=False):
     return "∞" if infinite or v is None else f"{v:.3f}"
 
@@ -154,8 +179,17 @@ def privacy_section(p: dict | None) -> list[str]:
     out += ["", "| round | ε (worst client so far) |", "|---:|---:|"]
     out += [f"| {r['round']} | {_eps(r['epsilon'], r['infinite'] or r['epsilon'] is None)} |"
             for r in p.get("epsilon_per_round", [])]
+    clients = p.get("clients", {})
+    if len(clients) > PRIVACY_ROWS:  # ε over the clients, and the ones that spent most
+        eps = sorted((v["epsilon"] or 0.0, c) for c, v in clients.items())
+        trained = sorted(len(v["rounds"]) for v in clients.values())
+        mid = len(eps) // 2
+        out += ["", f"ε over the {len(eps):,} clients that trained: min {_eps(eps[0][0])}, median "
+                f"{_eps(eps[mid][0])}, max {_eps(eps[-1][0])}; rounds trained per client: min {trained[0]}, "
+                f"median {trained[len(trained) // 2]}, max {trained[-1]}. The {PRIVACY_ROWS} that spent most:"]
+        clients = {c: clients[c] for _, c in eps[::-1][:PRIVACY_ROWS]}
     out += ["", "| client | ε | rounds trained | noise multiplier | sample rate |", "|---:|---:|---|---:|---:|"]
-    for c, v in p.get("clients", {}).items():
+    for c, v in clients.items():
         out.append(f"| {c} | {_eps(v['epsilon'])} | {', '.join(map(str, v['rounds']))} | {v['noise_multiplier']:.4g} | "
                    f"{v['sample_rate']:.4g} |")
     if p.get("central"):  # central DP stacked on DP-SGD: a second, user-level guarantee
@@ -201,7 +235,7 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         f"test, input {'x'.join(map(str, data.get('input_shape', [])))}, {data.get('num_classes', '?')} classes) |",
         f"| model | {cfg['model']['name']} ({model.get('parameters', 0):,} parameters) |",
         f"| clients | {cfg['num_clients']}, partition {cfg['partition']['name']}, "
-        f"fraction per round {cfg['strategy']['fraction_train']} |",
+        f"fraction per round {cfg['strategy']['fraction_train']}{_nodes(summary.get('simulation') or {})} |",
         f"| strategy | {cfg['strategy']['name']} |",
         f"| local training | {cfg['client']['optimizer']}, lr {cfg['client']['lr']}, batch {cfg['client']['batch_size']}, "
         f"{cfg['client']['local_epochs']} epoch(s) |",
@@ -229,6 +263,12 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         for c in data["clients"]:
             out.append(f"| {c['client']} | {c['size']} | {' '.join(map(str, c['labels']))} |")
         out.append("")
+    elif (data.get("client_sizes") or {}).get("each"):  # too many clients for a row each: their spread
+        z = data["client_sizes"]
+        plot_client_sizes(z["each"], run_dir / "client_sizes.png")
+        out += ["## Clients", "", f"{len(z['each']):,} clients hold {z['min']} to {z['max']} training examples "
+                f"(median {z['median']:g}, mean {z['mean']:.1f}); labels over all clients: "
+                f"{' '.join(map(str, data.get('label_totals', [])))}.", "", "![client sizes](client_sizes.png)", ""]
     out += privacy_section(summary.get("privacy"))
     out += attacks_section(summary)
     path = run_dir / "report.md"

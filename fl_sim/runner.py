@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr import simulation
 from omegaconf import DictConfig, OmegaConf
@@ -145,6 +146,23 @@ def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
     return out
 
 
+PER_CLIENT_ROWS = 100  # up to this many clients, summary.json and the report have a row per client
+
+
+def clients_info(d) -> dict:
+    """What summary.json keeps of the clients' data: a row per client (size, label histogram) up to
+    ``PER_CLIENT_ROWS`` clients; beyond, every client's size (one number each), their spread, and the label
+    totals, so that the summary does not grow by a label histogram per client at cross-device scale."""
+    sizes = np.array([len(p) for p in d.partitions], dtype=np.int64)
+    spread = {"min": int(sizes.min()), "median": float(np.median(sizes)), "mean": float(sizes.mean()),
+              "max": int(sizes.max())}
+    if len(sizes) <= PER_CLIENT_ROWS:
+        return {"clients": [{"client": i, "size": int(n), "labels": h}
+                            for i, (n, h) in enumerate(zip(sizes, d.label_histograms()))], "client_sizes": spread}
+    labels = np.bincount(d.y_train[np.concatenate(d.partitions)], minlength=d.num_classes)
+    return {"clients": [], "client_sizes": {**spread, "each": sizes.tolist()}, "label_totals": labels.tolist()}
+
+
 def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
     """Validate the config and build data and model once in the driver, so that bad input
     fails here with one clear line, before Ray starts."""
@@ -169,8 +187,7 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
         "num_test": int(len(d.y_test)),
         "unassigned": int(len(d.y_train) - sum(len(p) for p in d.partitions)),  # examples no client holds
         "partition": cfg.partition.name,
-        "clients": [{"client": i, "size": int(len(p)), "labels": h}
-                    for i, (p, h) in enumerate(zip(d.partitions, d.label_histograms()))],
+        **clients_info(d),
     }
     if is_model_inversion(cfg):  # the private/public division, and targets the clients hold
         target_classes(cfg, d)

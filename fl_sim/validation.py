@@ -16,7 +16,7 @@ from fl_sim.config import Config, ConfigError
 DATASETS = ("mnist", "digits", "cifar10_samples", "cifar100_samples", "fashion_mnist_samples",
             "cifar_pickle", "mnist_idx", "huggingface", "synthetic")
 MODELS = ("mlp", "cnn", "lenet", "convnet", "resnet18")
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedmedian",
               "fedtrimmedavg", "krum")
 OPTIMIZERS = ("sgd", "adam")
@@ -167,6 +167,8 @@ def validate(cfg: Any) -> None:
     _need(cfg.attack.name != "analytic" or cfg.model.name == "mlp",
           f"attack=analytic needs a model whose first layer is fully connected; use model=mlp (got model={cfg.model.name})")
     validate_defense(cfg)
+    if cfg.dataset.name == "synthetic":
+        validate_synthetic(cfg)
     _need(0.0 < cfg.dataset.test_fraction < 1.0,
           f"dataset.test_fraction must be in (0, 1) (got {cfg.dataset.test_fraction})")
     _need(cfg.dataset.max_examples is None or cfg.dataset.max_examples >= 2,
@@ -228,8 +230,27 @@ def validate(cfg: Any) -> None:
           "no client could start")
     _choice("model.activation", cfg.model.activation, ACTIVATIONS)
     _need(cfg.model.width >= 1, f"model.width must be at least 1 (got {cfg.model.width})")
-    _need(len(cfg.model.hidden) >= 1 and all(h >= 1 for h in cfg.model.hidden),
+    _need(all(h >= 1 for h in cfg.model.hidden),  # mlp with none: multinomial logistic regression
           f"model.hidden must list positive layer sizes (got {list(cfg.model.hidden)})")
+
+
+def validate_synthetic(cfg: Any) -> None:
+    """FedProx's synthetic devices: feature vectors (model=mlp), no attack on images, sizes that leave
+    every device a training example."""
+    d = cfg.dataset
+    _need(cfg.model.name == "mlp", f"dataset=synthetic holds vectors of {d.dimension} features, not images: use "
+          f"model=mlp, not model={cfg.model.name}, or experiment=cross_device (FedProx's setting: logistic regression, "
+          "partition=natural, attack=none)")
+    _need(cfg.attack.name == "none", f"dataset=synthetic holds feature vectors, not images, so attack={cfg.attack.name}"
+          "'s image scores (PSNR, SSIM, attack accuracy) would mean nothing: use attack=none "
+          "(experiment=cross_device sets everything for scale)")
+    _need(cfg.scenario.name == "federated", "dataset=synthetic is for federated runs (scenario=federated)")
+    _need(d.min_size >= 2, f"dataset.min_size must be at least 2 (a device keeps 90% of its examples for training; "
+          f"got {d.min_size})")
+    _need(d.alpha >= 0 and d.beta >= 0 and d.size_sigma >= 0,
+          f"dataset.alpha, dataset.beta and dataset.size_sigma must be >= 0 (got {d.alpha}, {d.beta}, {d.size_sigma})")
+    _need(d.dimension >= 1 and d.classes >= 2,
+          f"dataset.dimension must be >= 1 and dataset.classes >= 2 (got {d.dimension}, {d.classes})")
 
 
 def validate_model_inversion(cfg: Any) -> None:

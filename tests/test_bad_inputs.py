@@ -130,6 +130,12 @@ FILE_CASES = {  # name: (how to build the overrides in tmp_path, fragment of the
 # --------------------------------------------------------------------------- bad configurations
 
 CONFIG_CASES = {  # name: (overrides, fragment of the error line)
+    # cross-device scale: FedProx's synthetic devices, cohorts
+    "synthetic_image_model": (["dataset=synthetic"], "dataset=synthetic holds vectors of 60 features, not images"),
+    "synthetic_attack": (["experiment=cross_device", "attack=dlg"], "use attack=none"),
+    "synthetic_min_size": (["experiment=cross_device", "dataset.min_size=1"], "dataset.min_size must be at least 2"),
+    "natural_partition_of_images": (["partition=natural", "attack=none"], "dataset=mnist has none"),
+    "cohorts_under_secagg": (["defense=secagg", "backend.clients_per_node=2"], "cohorts are for federated runs"),
     # unknown group options, keys and types: refused while composing
     "unknown_dataset": (["dataset=nope"], "Could not find 'dataset/nope'; available options in 'dataset'"),
     "unknown_model": (["model=nope"], "Could not find 'model/nope'"),

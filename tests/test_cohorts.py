@@ -141,3 +141,47 @@ def test_a_cohort_run_equals_one_node_per_client_with_dp_budgets_and_crashes(com
     assert all(len(c["rounds"]) >= 1 for c in cohort["privacy"]["clients"].values())
     assert cohort["simulation"] == {"nodes": 2, "clients_per_node": 3}
     assert alone["simulation"] == {"nodes": 6, "clients_per_node": 1}
+
+
+def test_summary_and_report_at_scale_keep_sizes_not_a_row_per_client(tmp_path):
+    """Beyond 100 clients: every client's size and the label totals instead of a histogram per client; the
+    report draws the sizes and summarises ε over the clients (min, median, max) with the 20 that spent most."""
+    import numpy as np
+
+    from fl_sim.config import compose
+    from fl_sim.data import build_federated_data
+    from fl_sim.report import write_report
+    from fl_sim.runner import clients_info
+
+    cfg = compose(["experiment=cross_device", "num_clients=150"])
+    d = build_federated_data(cfg.dataset, cfg.partition, 150, cfg.seed)
+    info = clients_info(d)
+    assert info["clients"] == [] and len(info["client_sizes"]["each"]) == 150
+    assert sum(info["label_totals"]) == len(d.y_train) == sum(info["client_sizes"]["each"])
+    assert info["client_sizes"]["max"] == max(len(p) for p in d.partitions)
+    small = clients_info(build_federated_data(cfg.dataset, cfg.partition, 5, cfg.seed))
+    assert [c["client"] for c in small["clients"]] == list(range(5)) and "each" not in small["client_sizes"]
+
+    eps = {str(c): {"epsilon": 1.0 + c / 100, "rounds": [1] if c % 2 else [1, 2], "noise_multiplier": 1.0,
+                    "sample_rate": 0.5} for c in range(150)}
+    summary = {"status": "completed", "config": {**{k: cfg[k] for k in ("scenario", "dataset", "model", "partition",
+                                                                         "strategy", "client", "attack", "defense")},
+                                                 "num_clients": 150, "num_rounds": 2, "seed": 0},
+               "rounds": [{"round": 1, "train_loss": 2.0, "test_loss": 2.0, "test_accuracy": 0.1, "clients": [0, 1],
+                           "seconds": 1.0}],
+               "timing": {"total_seconds": 1.0, "simulation_seconds": 1.0},
+               "data": {**info, "num_train": len(d.y_train), "num_test": len(d.y_test), "input_shape": [60, 1, 1],
+                        "num_classes": 10},
+               "model": {"parameters": 610}, "simulation": {"nodes": 2, "clients_per_node": 100},
+               "privacy": {"mechanism": "dpsgd", "accountant": "rdp", "delta": 1e-5, "epsilon": 2.49,
+                           "infinite": False, "clients": eps, "epsilon_per_round": []},
+               "attacks": []}
+    from omegaconf import OmegaConf
+    summary["config"] = OmegaConf.to_container(OmegaConf.create(summary["config"]), resolve=True)
+    text = write_report(tmp_path, summary).read_text()
+    assert "150 clients hold" in text and (tmp_path / "client_sizes.png").exists()
+    assert "simulated on 2 nodes of up to 100 clients each" in text
+    assert "ε over the 150 clients that trained: min 1.000, median 1.750, max 2.490" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| 1") and "| 0.5 |" in ln]
+    assert len(rows) == 20 and rows[0].startswith("| 149 | 2.490")
+    assert np.isfinite(info["client_sizes"]["mean"])
