@@ -33,6 +33,17 @@ from fl_sim.training import local_train, make_optimizer
 from fl_sim.workspace import workspace
 
 
+_LAST_RECEIVED: list = [None, None]  # (ArrayRecord, its state dict): a cohort's clients share the model sent
+
+
+def _as_state_dict(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The received model as tensors, converted once for every client of a cohort message that shares it
+    (the tensors are only read: loading them into a model copies them)."""
+    if _LAST_RECEIVED[0] is not arrays:
+        _LAST_RECEIVED[:] = [arrays, arrays.to_torch_state_dict()]
+    return _LAST_RECEIVED[1]
+
+
 def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     ws = workspace(cfg, "client")
     cid = int(context.node_config["partition-id"])
@@ -43,7 +54,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
     delay = maybe_fail(cfg, server_round, cid)
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = _as_state_dict(msg.content["arrays"])
     model = as_received(ws.model, received, ws.data.input_shape)  # a malicious server's block, when sent one
     model.load_state_dict(received)
     gen = torch.Generator().manual_seed(round_seed(cfg.seed, server_round, cid))
@@ -148,13 +159,19 @@ def client_query(cfg: DictConfig, msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+def _read_only(cfg: dict | DictConfig) -> DictConfig:
+    conf = OmegaConf.create(cfg)
+    OmegaConf.set_readonly(conf, True)  # nothing on the client changes the run's config
+    return conf
+
+
 def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) -> ClientApp:
     """ClientApp training the received model on this node's partition.
 
     ``cfg`` is the resolved config (a plain dict travels to Ray actors cheaply) or a function
     of the Context returning it (``flwr run``).
     """
-    get_cfg = cfg if callable(cfg) else (lambda _ctx, _c=OmegaConf.create(cfg): _c)
+    get_cfg = cfg if callable(cfg) else (lambda _ctx, _c=_read_only(cfg): _c)
     app = ClientApp()
 
     @app.train(mods=[secagg_mod(get_cfg), update_defenses_mod(get_cfg)])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any, Callable, Iterable
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -28,19 +29,29 @@ from omegaconf import DictConfig
 
 COHORT_KEY = "fl_sim.cohort"  # the packing record of a cohort message (and of its reply)
 VIRTUAL_BASE = 1 << 48  # virtual node ids: VIRTUAL_BASE + client id (server side only)
-AUTO_NODES = 100  # ``clients_per_node: null`` keeps at most this many nodes
+AUTO_MIN_NODES = 20  # ``clients_per_node: null``: at least this many nodes, and 4 per client actor
+
+
+def auto_nodes(cfg: DictConfig) -> int:
+    """How many nodes ``clients_per_node: null`` aims at: 4 per client actor (so that the actors stay busy
+    while a slow cohort finishes), at least ``AUTO_MIN_NODES``. Measured on 2 cores (1,000 MNIST clients,
+    2NN): 100 nodes 2.7x the plain loop per round, 20 nodes 1.9x, 2 nodes 2.0x with twice the actors' memory."""
+    cpus = cfg.backend.num_cpus or os.cpu_count() or 1
+    slots = max(1, int(cpus / float(cfg.backend.client_resources.num_cpus)))
+    return max(AUTO_MIN_NODES, 4 * slots)
 
 
 def clients_per_node(cfg: DictConfig) -> int:
-    """K, the clients each simulated node hosts: ``backend.clients_per_node``, or (null) 1 up to
-    ``AUTO_NODES`` clients and ceil(num_clients / AUTO_NODES) beyond, for federated runs without
-    SecAgg+ (SecAgg+ and split learning keep one node per client)."""
+    """K, the clients each simulated node hosts: ``backend.clients_per_node``, or (null) one node per client
+    up to ``auto_nodes`` clients and ceil(num_clients / auto_nodes) clients per node beyond, for federated
+    runs without SecAgg+ (SecAgg+ and split learning keep one node per client). ``fl_sim.runner`` resolves
+    null once, in the driver, so that every party maps clients to nodes alike."""
     k = cfg.backend.get("clients_per_node")
     if k is not None:
         return int(k)
     if cfg.scenario.name == "split" or cfg.defense.secagg:
         return 1
-    return max(1, math.ceil(int(cfg.num_clients) / AUTO_NODES))
+    return max(1, math.ceil(int(cfg.num_clients) / auto_nodes(cfg)))
 
 
 def num_nodes(cfg: DictConfig) -> int:

@@ -175,6 +175,7 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
             raise
         raise ConfigError(f"{e} (dataset={cfg.dataset.name})") from e
     d = ws.data
+    cfg.backend.clients_per_node = clients_per_node(cfg)  # resolved once: every party maps clients alike
     recorder.simulation = {"nodes": num_nodes(cfg), "clients_per_node": clients_per_node(cfg)}
     # central evaluation and the attacks in the server process; split learning's server side (its part of the
     # model, FSHA) computes on the CPU (fl_sim.split.server)

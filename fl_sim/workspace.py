@@ -42,12 +42,24 @@ class Workspace:
 
 
 _WORKSPACES: dict[tuple[str, str], Workspace] = {}
+_KEYS: dict[int, tuple[DictConfig, str]] = {}  # id(cfg) -> (cfg, its key), for read-only configs
 
 
 def _data_key(cfg: DictConfig) -> str:
+    """The parts of the config that shape data and model, as a key. A read-only config (the client app's:
+    every client asks once per message) has its key remembered; it cannot change afterwards."""
+    readonly = bool(OmegaConf.is_readonly(cfg))
+    known = _KEYS.get(id(cfg)) if readonly else None
+    if known is not None and known[0] is cfg:
+        return known[1]
     keys = ("dataset", "partition", "num_clients", "seed", "model", "attack", "defense", "device")  # shapes data/model
-    return json.dumps({k: OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k]
-                       for k in keys}, sort_keys=True)
+    key = json.dumps({k: OmegaConf.to_container(cfg[k]) if isinstance(cfg[k], DictConfig) else cfg[k]
+                      for k in keys}, sort_keys=True)
+    if readonly:
+        if len(_KEYS) > 64:
+            _KEYS.clear()
+        _KEYS[id(cfg)] = (cfg, key)
+    return key
 
 
 def private_classes(cfg: DictConfig) -> list[int] | None:

@@ -110,3 +110,18 @@ def test_evaluation_and_configuration_are_delegated():
     assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2]
     assert list(guard.configure_evaluate(1, ArrayRecord(model.state_dict()), ConfigRecord({}), FakeGrid([1]))) == []
     assert "RejectNonFinite(inner=" in repr(guard)
+
+
+def test_values_of_reads_every_dtype_and_order_in_place_as_array_numpy_does():
+    import numpy as np
+    from flwr.app import Array
+
+    from strategies.guard import values_of
+
+    cases = [np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.random.rand(5, 7)), np.array(3.5),
+             np.array([], dtype=np.float32), np.arange(5, dtype=np.int64), np.zeros((2, 3), dtype=np.float16),
+             np.array([1.0, np.nan, np.inf], dtype=np.float32)]
+    for a in cases:
+        got, want = values_of(Array(a)), Array(a).numpy()
+        assert got.dtype == want.dtype and got.size == want.size
+        assert np.array_equal(np.sort(got), np.sort(want.ravel()), equal_nan=True)
