@@ -137,6 +137,14 @@ def attack_task_options(gpus: float) -> dict:
     return {"num_cpus": 0, "num_gpus": float(gpus), "resources": {ATTACK_RESOURCE: 1}, "max_retries": 0}
 
 
+def targets_text(jobs: list[AttackJob]) -> str:
+    """"clients [0, 3]", or for many targets "120 clients (0, 3, 5, ...)"."""
+    ids = [j.client for j in jobs]
+    if len(ids) <= 20:
+        return f"clients {ids}"
+    return f"{len(ids)} clients ({', '.join(map(str, ids[:3]))}, ...)"
+
+
 def ray_executor(workers: int, threads: int | None, device: str = "cpu", gpus: float = 0.0, fallback=None,
                  free_cpus: int | None = None):
     """Run a round's attacks as Ray tasks, ``workers`` at a time, each holding one unit of the
@@ -162,12 +170,26 @@ def ray_executor(workers: int, threads: int | None, device: str = "cpu", gpus: f
             attack_ref = ray.put(attack)
             parallel = min(workers, len(jobs))
             n = threads if threads is not None or free_cpus is None else attack_threads(None, free_cpus, parallel)
-            pending = [task.remote(attack_ref, job, n, device, gpus, queue, parallel) for job in jobs]
-            log.info("round %d: attacking clients %s with %s (%d in parallel%s)", jobs[0].server_round,
-                     [j.client for j in jobs], getattr(attack, "name", attack), parallel,
+            log.info("round %d: attacking %s with %s (%d in parallel%s)", jobs[0].server_round,
+                     targets_text(jobs), getattr(attack, "name", attack), parallel,
                      f", {n} threads each" if n is not None else "")
-            while True:
-                _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            # Submitted in waves of twice the workers, each result collected as it ends: with many targets a
+            # round, only the running and next attacks' observations are in Ray's object store at once.
+            out: list[AttackOutcome | None] = [None] * len(jobs)
+            running: dict = {}
+            waiting = list(enumerate(jobs))
+            while waiting or running:
+                while waiting and len(running) < 2 * parallel:
+                    i, job = waiting.pop(0)
+                    running[task.remote(attack_ref, job, n, device, gpus, queue, parallel)] = i
+                done, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+                for ref in done:
+                    i = running.pop(ref)
+                    try:
+                        out[i] = ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - a lost worker fails that attack, not the run
+                        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                        out[i] = AttackOutcome(jobs[i], None, 0.0, error=reason)
                 try:
                     while True:
                         rnd, client, it, loss = queue.get_nowait()
@@ -175,14 +197,6 @@ def ray_executor(workers: int, threads: int | None, device: str = "cpu", gpus: f
                                  rnd, client, it, loss)
                 except Empty:
                     pass
-                if not not_ready:
-                    break
-            out = []
-            for job, ref in zip(jobs, pending):
-                try:
-                    out.append(ray.get(ref))
-                except Exception as e:  # noqa: BLE001 - a lost worker fails that attack, not the run
-                    out.append(AttackOutcome(job, None, 0.0, error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
             return out
         finally:
             ray.kill(queue.actor)
@@ -199,8 +213,8 @@ def local_executor(threads: int, device: str = "cpu"):
     ``device``."""
 
     def execute(attack, jobs: list[AttackJob]) -> list[AttackOutcome]:
-        log.info("round %d: attacking clients %s with %s (in the server process, %s, %d threads)",
-                 jobs[0].server_round, [j.client for j in jobs], getattr(attack, "name", attack), device, threads)
+        log.info("round %d: attacking %s with %s (in the server process, %s, %d threads)",
+                 jobs[0].server_round, targets_text(jobs), getattr(attack, "name", attack), device, threads)
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

@@ -38,6 +38,25 @@ class AttackJob:
 
 
 @dataclass
+class UpdateObservation:
+    """A client update as the server holds it: the arrays it sent and the reply's arrays, turned into an
+    ``Observation`` (tensors) only when the attack runs. A round with many targets thus keeps one copy of
+    each update, the reply's own, and ships compact arrays to the attack workers."""
+
+    sent: ArrayRecord
+    received: ArrayRecord
+
+    def load(self) -> Observation:
+        return Observation(self.sent.to_torch_state_dict(), self.received.to_torch_state_dict(), kind="client_update")
+
+
+def observation_of(job: "AttackJob") -> Any:
+    """The job's observation, loaded (``UpdateObservation``) or as given."""
+    obs = job.observation
+    return obs.load() if isinstance(obs, UpdateObservation) else obs
+
+
+@dataclass
 class AttackOutcome:
     job: AttackJob
     reconstruction: Reconstruction | None
@@ -54,7 +73,7 @@ def run_jobs_sequentially(attack, jobs: list[AttackJob],
         report = None if progress is None else (lambda it, loss, _job=job: progress(_job, it, loss))
         t = time.perf_counter()
         try:
-            rec = attack.reconstruct(job.observation, job.knowledge, progress=report)
+            rec = attack.reconstruct(observation_of(job), job.knowledge, progress=report)
             out.append(AttackOutcome(job, rec, time.perf_counter() - t))
         except Exception as e:  # noqa: BLE001 - one failed attack must not end the run
             out.append(AttackOutcome(job, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}"))
@@ -167,7 +186,6 @@ class AdversarialStrategy(Strategy):
 
     def observe(self, server_round: int, replies: list[Message]) -> list[AttackJob]:
         sent_arrays, sent_config = self._sent[server_round]
-        before = sent_arrays.to_torch_state_dict()
         tampered = self._tampered.get(server_round, {})
         ok = {self.client_of(m): m for m in replies if not m.has_error()}
         failed = {self.client_of(m) for m in replies if m.has_error()} | self._failed.get(server_round, set())
@@ -181,8 +199,7 @@ class AdversarialStrategy(Strategy):
                 continue  # not sampled this round
             reply = ok[cid]
             sent = tampered.get(cid, sent_arrays)
-            obs = Observation(before if sent is sent_arrays else sent.to_torch_state_dict(),
-                              reply.content["arrays"].to_torch_state_dict(), kind="client_update")
+            obs = UpdateObservation(sent, reply.content["arrays"])  # loaded where and when the attack runs
             jobs.append(AttackJob(server_round, cid, "client_update", obs,
                                   self.knowledge(server_round, sent, sent_config, reply)))
         return jobs

@@ -73,6 +73,9 @@ def test_wrapper_observes_each_targeted_reply_and_delegates_aggregation_unchange
     assert not any(torch.equal(t, client_data[102]) for t in tensors if t.shape == client_data[102].shape)
     outcomes = adv.take_outcomes()
     assert [(o.job.server_round, o.job.client) for o in outcomes] == [(1, 102)] and adv.take_outcomes() == []
+    # the job holds the reply's own arrays (no second copy of the update while the round's attacks wait)
+    held = outcomes[0].job.observation
+    assert held.received is replies[1].content["arrays"] and held.sent is sent
 
 
 def test_a_malicious_server_tampers_with_the_targets_model_only_and_aggregates_the_models_own_arrays():
