@@ -109,6 +109,7 @@ class AttackConfig:
     scoring: str = "direction"  # label_leakage: direction | norm (binary tasks)
     batch: int = 0  # split learning: which batch of a client's turn is attacked (0: the first)
     workers: int = 2  # attacks of one round run in parallel as Ray tasks (0: in the server process)
+    pictures: int = 20  # pictures per round at most (the first targets by client id); every attack is scored
     num_cpus: Optional[float] = None  # threads of each attack (None: the CPUs free while the round's attacks run, shared)
     num_gpus: float = 0.0  # GPU share of each attack worker (Ray; 0.25 puts four on one GPU); device= picks it
     # model inversion of a trained model (mi_face, gmi, deepinversion): observed "model"

@@ -122,6 +122,9 @@ def model_inversion_section(summary: dict) -> list[str]:
     return out
 
 
+ATTACK_ROWS = 50  # beyond this many attack entries, the report summarises them per round
+
+
 def attacks_section(summary: dict) -> list[str]:
     attacks = summary.get("attacks") or []
     cfg = summary["config"]["attack"]
@@ -141,7 +144,20 @@ def attacks_section(summary: dict) -> list[str]:
             "",
             "| round | client | observed | examples | PSNR | SSIM | label acc. | iterations | seconds |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for a in attacks:
+    listed = attacks
+    if len(attacks) > ATTACK_ROWS:  # many targets: per round, then the best reconstructions
+        out[-2:] = ["| round | targets | mean PSNR | best PSNR | targets at 20 dB or more | failed |",
+                    "|---:|---:|---:|---:|---:|---:|"]
+        for rnd in sorted({a["round"] for a in attacks}):
+            these = [a for a in attacks if a["round"] == rnd]
+            ok = [a["psnr"] for a in these if a.get("psnr") is not None]
+            out.append(f"| {rnd} | {len(these)} | {_fmt(sum(ok) / len(ok) if ok else None, 2)} | "
+                       f"{_fmt(max(ok) if ok else None, 2)} | {sum(p >= 20 for p in ok)} | {len(these) - len(ok)} |")
+        listed = sorted((a for a in attacks if a.get("psnr") is not None), key=lambda a: -a["psnr"])[:10]
+        out += ["", f"The {len(listed)} best of the {len(attacks):,} reconstructions (every one is in summary.json):",
+                "", "| round | client | observed | examples | PSNR | SSIM | label acc. | iterations | seconds |",
+                "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for a in listed:
         if a.get("error"):
             out.append(f"| {a['round']} | {a['client']} | {a['observed']} | {a['batch_size']} | failed: {a['error']} |||||")
             continue
@@ -150,7 +166,7 @@ def attacks_section(summary: dict) -> list[str]:
     for s in summary.get("attacks_skipped") or []:
         out.append(f"| {s['round']} | {s['client']} | skipped: {s['reason']} |||||||")
     out.append("")
-    for a in attacks:
+    for a in listed:
         if a.get("picture"):
             out += [f"![round {a['round']} client {a['client']}]({a['picture']})", ""]
     return out

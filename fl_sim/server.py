@@ -86,8 +86,12 @@ def with_injection(m: Message, inputs: torch.Tensor, labels: torch.Tensor) -> Me
 
 def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:
     """The evaluator's turn: score the round's reconstructions against the truth, note skipped targets."""
-    for outcome in strategy.take_outcomes():
-        recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir))
+    drawn: dict[int, int] = {}  # pictures per round so far: at most attack.pictures (every attack is scored)
+    for outcome in sorted(strategy.take_outcomes(), key=lambda o: (o.job.server_round, o.job.client if isinstance(o.job.client, int) else -1)):
+        rnd = outcome.job.server_round
+        draw = drawn.get(rnd, 0) < int(cfg.attack.pictures)
+        drawn[rnd] = drawn.get(rnd, 0) + draw
+        recorder.attack(evaluate_outcome(outcome, ws.data, cfg.attack.name, recorder.run_dir if draw else None))
     for skipped in strategy.skipped:
         log.warning("attack skipped: round %d client %d (%s)", skipped["round"], skipped["client"], skipped["reason"])
     recorder.skipped_attacks += strategy.skipped

@@ -188,3 +188,55 @@ def test_summary_and_report_at_scale_keep_sizes_not_a_row_per_client(tmp_path):
     rows = [ln for ln in text.splitlines() if ln.startswith("| 1") and "| 0.5 |" in ln]
     assert len(rows) == 20 and rows[0].startswith("| 149 | 2.490")
     assert np.isfinite(info["client_sizes"]["mean"])
+
+
+def test_many_attack_entries_are_summarised_per_round_with_the_best_listed():
+    from fl_sim.config import compose
+    from fl_sim.report import attacks_section
+
+    from omegaconf import OmegaConf
+
+    cfg = compose(["attack=inverting_gradients_short", "attack.target_clients=[]"])
+    entries = [{"round": r, "client": c, "observed": "client_update", "batch_size": 4, "psnr": 10.0 + c / 10,
+                "ssim": 0.1, "label_accuracy": 1.0, "iterations": 20, "seconds": 0.2,
+                **({"picture": f"attack_round{r}_client{c}.png"} if c < 20 else {})}
+               for r in (1, 2) for c in range(120)]
+    entries[5]["psnr"], entries[5]["error"] = None, "boom"
+    text = "\n".join(attacks_section({"attacks": entries, "config": OmegaConf.to_container(cfg, resolve=True)}))
+    assert "| 1 | 120 | 16.00 | 21.90 | 20 | 1 |" in text  # 119 scored: the mean of 10.0 .. 21.9 without 10.5
+    assert "| 2 | 120 | 15.95 | 21.90 | 20 | 0 |" in text
+    assert "The 10 best of the 240 reconstructions" in text
+    assert text.count("| client_update |") == 10 and "![round" not in text  # the best have no picture drawn
+
+
+def test_a_round_draws_at_most_attack_pictures_pictures_and_scores_every_attack(tmp_path):
+    import torch
+
+    from attacks import Knowledge, Reconstruction
+    from fl_sim.config import compose
+    from fl_sim.evaluator import true_batch
+    from fl_sim.recorder import RunRecorder
+    from fl_sim.server import score_attacks
+    from fl_sim.workspace import workspace
+    from strategies.adversarial import AttackJob, AttackOutcome
+
+    cfg = compose(["dataset=digits", "model=mlp", "num_clients=30", "attack=inverting_gradients_short",
+                   "attack.target_clients=[]", "attack.pictures=3"])
+    ws = workspace(cfg, "server")
+
+    class Done:
+        skipped = []
+
+        def take_outcomes(self):
+            out = []
+            for c in reversed(range(8)):  # out of order: pictures go to the first clients by id
+                x = torch.from_numpy(true_batch(ws.data, c)[0])  # perfect reconstructions, as [0, 1] images
+                job = AttackJob(1, c, "client_update", None, Knowledge(ws.model, ws.data.input_shape, 10))
+                out.append(AttackOutcome(job, Reconstruction(x, None), 0.1))
+            return out
+
+    rec = RunRecorder(cfg, tmp_path)
+    score_attacks(Done(), cfg, ws, rec)
+    assert [a["client"] for a in rec.attacks] == list(range(8)) and all(a["psnr"] > 30 for a in rec.attacks)
+    assert [a.get("picture") for a in rec.attacks][:4] == [f"attack_round1_client{c}.png" for c in range(3)] + [None]
+    assert sorted(p.name for p in tmp_path.glob("attack_*.png")) == [f"attack_round1_client{c}.png" for c in range(3)]
