@@ -87,7 +87,8 @@ def with_injection(m: Message, inputs: torch.Tensor, labels: torch.Tensor) -> Me
 def score_attacks(strategy: AdversarialStrategy, cfg: DictConfig, ws: Workspace, recorder) -> None:
     """The evaluator's turn: score the round's reconstructions against the truth, note skipped targets."""
     drawn: dict[int, int] = {}  # pictures per round so far: at most attack.pictures (every attack is scored)
-    for outcome in sorted(strategy.take_outcomes(), key=lambda o: (o.job.server_round, o.job.client if isinstance(o.job.client, int) else -1)):
+    by_target = lambda o: (o.job.server_round, o.job.client if isinstance(o.job.client, int) else -1)  # noqa: E731
+    for outcome in sorted(strategy.take_outcomes(), key=by_target):
         rnd = outcome.job.server_round
         draw = drawn.get(rnd, 0) < int(cfg.attack.pictures)
         drawn[rnd] = drawn.get(rnd, 0) + draw

@@ -20,7 +20,8 @@ def _instructions(clients, shared, extra=None):
 def test_clients_per_node_auto_keeps_one_node_per_client_up_to_4_per_actor_and_20_at_least():
     two = ["backend.num_cpus=2"]  # 2 client actors: 20 nodes
     assert clients_per_node(compose(two + ["num_clients=20"])) == 1
-    assert clients_per_node(compose(two + ["num_clients=100"])) == 5 and num_nodes(compose(two + ["num_clients=100"])) == 20
+    hundred = compose(two + ["num_clients=100"])
+    assert clients_per_node(hundred) == 5 and num_nodes(hundred) == 20
     assert num_nodes(compose(two + ["num_clients=10001"])) == 20  # 501 per node, the last one 482
     sixteen = ["backend.num_cpus=16", "num_clients=1000"]  # 16 actors: 64 nodes
     assert clients_per_node(compose(sixteen)) == 16 and num_nodes(compose(sixteen)) == 63
