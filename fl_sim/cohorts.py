@@ -41,17 +41,24 @@ def auto_nodes(cfg: DictConfig) -> int:
     return max(AUTO_MIN_NODES, 4 * slots)
 
 
-def clients_per_node(cfg: DictConfig) -> int:
-    """K, the clients each simulated node hosts: ``backend.clients_per_node``, or (null) one node per client
-    up to ``auto_nodes`` clients and ceil(num_clients / auto_nodes) clients per node beyond, for federated
-    runs without SecAgg+ (SecAgg+ and split learning keep one node per client). ``fl_sim.runner`` resolves
-    null once, in the driver, so that every party maps clients to nodes alike."""
+def auto_clients_per_node(cfg: DictConfig) -> int:
+    """What ``backend.clients_per_node: null`` means in fl-sim's own simulation (``fl_sim.runner`` sets it
+    once, in the driver, so that every party maps clients to nodes alike): one node per client up to
+    ``auto_nodes`` clients, ceil(num_clients / auto_nodes) clients per node beyond, for federated runs
+    without SecAgg+ (SecAgg+ and split learning keep one node per client)."""
     k = cfg.backend.get("clients_per_node")
     if k is not None:
         return int(k)
     if cfg.scenario.name == "split" or cfg.defense.secagg:
         return 1
     return max(1, math.ceil(int(cfg.num_clients) / auto_nodes(cfg)))
+
+
+def clients_per_node(cfg: DictConfig) -> int:
+    """K, the clients each node hosts: ``backend.clients_per_node``; null (not resolved: ``flwr run``,
+    whose federation has a SuperNode per client) is 1."""
+    k = cfg.backend.get("clients_per_node")
+    return 1 if k is None else int(k)
 
 
 def num_nodes(cfg: DictConfig) -> int:

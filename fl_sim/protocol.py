@@ -37,12 +37,16 @@ def _size_of(reply: Message) -> int | None:
     return size if size > 0 else None
 
 
-def _refuse_other_size(size: int | None, k: int) -> None:
+def _refuse_other_size(size: int | None, k: int, cfg: DictConfig) -> None:
     if size is not None and size != k:
+        n = int(cfg.num_clients)
+        needs = f"num_clients={n}" if k == n else \
+            f"the run needs {k} (num_clients={n} at backend.clients_per_node={cfg.backend.clients_per_node})"
+        other = f"num_clients={size}" if k == n else "other num_clients or backend.clients_per_node"
         raise ClientsMissing(
-            f"the federation has {size} SuperNodes but num_clients={k}: give it {k} (simulation: "
+            f"the federation has {size} SuperNodes but {needs}: give it {k} (simulation: "
             f"`flwr federation simulation-config @none/default local --num-supernodes {k}`; deployment: {k} "
-            f"SuperNodes with --node-config 'partition-id=I num-partitions={k}') or run with num_clients={size}")
+            f"SuperNodes with --node-config 'partition-id=I num-partitions={k}') or run with {other}")
 
 
 def discover_clients(grid: Grid, cfg: DictConfig, k: int | None = None) -> dict[int, int]:
@@ -64,7 +68,7 @@ def discover_clients(grid: Grid, cfg: DictConfig, k: int | None = None) -> dict[
             probed, asked = True, time.monotonic()
             probe = Message(RecordDict(), dst_node_id=node_ids[0], message_type="query")
             for reply in grid.send_and_receive([probe], timeout=float(cfg.round_timeout)):  # it loads its data
-                _refuse_other_size(_size_of(reply), k)
+                _refuse_other_size(_size_of(reply), k, cfg)
             deadline += time.monotonic() - asked  # the wait for the others starts now
             continue
         if time.monotonic() > deadline:
@@ -76,7 +80,7 @@ def discover_clients(grid: Grid, cfg: DictConfig, k: int | None = None) -> dict[
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in node_ids]
     node_of: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=float(cfg.round_timeout)):  # each loads its data first
-        _refuse_other_size(_size_of(reply), k)
+        _refuse_other_size(_size_of(reply), k, cfg)
         node_of[int(reply.content["client"]["partition-id"])] = reply.metadata.src_node_id
     missing = sorted(set(range(k)) - set(node_of))
     if missing:

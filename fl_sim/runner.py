@@ -9,6 +9,7 @@ continues a run from its checkpoint. The CLI (``fl_sim.cli``) is a thin Hydra wr
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from defenses.inversion import bottlenecks
 from fl_sim import checkpoint
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
-from fl_sim.cohorts import clients_per_node, num_nodes
+from fl_sim.cohorts import auto_clients_per_node, clients_per_node, num_nodes
 from fl_sim.config import Config, ConfigError, register_configs
 from fl_sim.inversion import division, fake_label, is_model_inversion, target_classes
 from fl_sim.models import num_parameters
@@ -175,7 +176,6 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
             raise
         raise ConfigError(f"{e} (dataset={cfg.dataset.name})") from e
     d = ws.data
-    cfg.backend.clients_per_node = clients_per_node(cfg)  # resolved once: every party maps clients alike
     recorder.simulation = {"nodes": num_nodes(cfg), "clients_per_node": clients_per_node(cfg)}
     # central evaluation and the attacks in the server process; split learning's server side (its part of the
     # model, FSHA) computes on the CPU (fl_sim.split.server)
@@ -207,6 +207,17 @@ def prepare(cfg: DictConfig, recorder: RunRecorder) -> None:
                            **({"classes": list(d.dataset_labels)} if is_model_inversion(cfg) else {})}
 
 
+def simulated(cfg: DictConfig) -> DictConfig:
+    """The config the simulation's parties get: ``backend.clients_per_node`` null resolved for this machine
+    (``fl_sim.cohorts.auto_clients_per_node``), once, so that server and clients map clients to nodes alike.
+    A copy: summary.json keeps the config as given (a sweep re-run or a resume compares it)."""
+    if cfg.backend.get("clients_per_node") is not None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.backend.clients_per_node = auto_clients_per_node(cfg)
+    return out
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = None) -> dict:
     """Run one experiment; always leaves ``summary.json`` (``status`` "completed" or "failed").
     ``resume_from``: a checkpoint (``fl_sim.checkpoint.load``) of this run to continue from."""
@@ -216,6 +227,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = 
     try:
         _tame_logs(cfg.verbose)  # after flwr's import, which sets its logger to DEBUG
         prepare(cfg, recorder)
+        cfg = simulated(cfg)
+        recorder.simulation = {"nodes": num_nodes(cfg), "clients_per_node": clients_per_node(cfg)}
 
         plain = OmegaConf.to_container(cfg, resolve=True)
         log.info("fl-sim: %s, %s, %d clients (%s), %s, %d rounds -> %s", cfg.dataset.name, cfg.model.name,

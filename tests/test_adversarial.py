@@ -75,7 +75,8 @@ def test_wrapper_observes_each_targeted_reply_and_delegates_aggregation_unchange
     assert [(o.job.server_round, o.job.client) for o in outcomes] == [(1, 102)] and adv.take_outcomes() == []
     # the job holds the reply's own arrays (no second copy of the update while the round's attacks wait)
     held = outcomes[0].job.observation
-    assert held.received is replies[1].content["arrays"] and held.sent is sent
+    reply_102 = next(m for m in replies if m.metadata.src_node_id == 102)
+    assert held.received is reply_102.content["arrays"] and held.sent is sent
 
 
 def test_a_malicious_server_tampers_with_the_targets_model_only_and_aggregates_the_models_own_arrays():

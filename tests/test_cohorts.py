@@ -3,8 +3,8 @@
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from fl_sim.cohorts import (COHORT_KEY, CohortGrid, clients_per_node, num_nodes, pack, train_cohort, unpack,
-                            virtual_id)
+from fl_sim.cohorts import (COHORT_KEY, CohortGrid, auto_clients_per_node, clients_per_node, num_nodes, pack,
+                            train_cohort, unpack, virtual_id)
 from fl_sim.config import ConfigError, compose
 from fl_sim.validation import validate
 
@@ -17,16 +17,24 @@ def _instructions(clients, shared, extra=None):
     return out
 
 
+def _resolved(overrides):
+    cfg = compose(overrides)
+    cfg.backend.clients_per_node = auto_clients_per_node(cfg)  # as fl_sim.runner.run does
+    return cfg
+
+
 def test_clients_per_node_auto_keeps_one_node_per_client_up_to_4_per_actor_and_20_at_least():
     two = ["backend.num_cpus=2"]  # 2 client actors: 20 nodes
-    assert clients_per_node(compose(two + ["num_clients=20"])) == 1
-    hundred = compose(two + ["num_clients=100"])
+    assert auto_clients_per_node(compose(two + ["num_clients=20"])) == 1
+    hundred = _resolved(two + ["num_clients=100"])
     assert clients_per_node(hundred) == 5 and num_nodes(hundred) == 20
-    assert num_nodes(compose(two + ["num_clients=10001"])) == 20  # 501 per node, the last one 482
-    sixteen = ["backend.num_cpus=16", "num_clients=1000"]  # 16 actors: 64 nodes
-    assert clients_per_node(compose(sixteen)) == 16 and num_nodes(compose(sixteen)) == 63
-    assert clients_per_node(compose(two + ["num_clients=1000", "defense=secagg"])) == 1
+    assert num_nodes(_resolved(two + ["num_clients=10001"])) == 20  # 501 per node, the last one 482
+    sixteen = _resolved(["backend.num_cpus=16", "num_clients=1000"])  # 16 actors: 64 nodes
+    assert clients_per_node(sixteen) == 16 and num_nodes(sixteen) == 63
+    assert auto_clients_per_node(compose(two + ["num_clients=1000", "defense=secagg"])) == 1
     assert num_nodes(compose(["num_clients=7", "backend.clients_per_node=3"])) == 3
+    # unresolved (flwr run: a SuperNode per client), null is one node per client
+    assert clients_per_node(compose(["num_clients=1000"])) == 1 and num_nodes(compose(["num_clients=1000"])) == 1000
 
 
 @pytest.mark.parametrize("overrides, words", [
