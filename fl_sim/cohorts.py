@@ -29,13 +29,14 @@ from omegaconf import DictConfig
 
 COHORT_KEY = "fl_sim.cohort"  # the packing record of a cohort message (and of its reply)
 VIRTUAL_BASE = 1 << 48  # virtual node ids: VIRTUAL_BASE + client id (server side only)
-AUTO_MIN_NODES = 20  # ``clients_per_node: null``: at least this many nodes, and 4 per client actor
+AUTO_MIN_NODES = 10  # ``clients_per_node: null``: at least this many nodes, and 4 per client actor
 
 
 def auto_nodes(cfg: DictConfig) -> int:
     """How many nodes ``clients_per_node: null`` aims at: 4 per client actor (so that the actors stay busy
-    while a slow cohort finishes), at least ``AUTO_MIN_NODES``. Measured on 2 cores (1,000 MNIST clients,
-    2NN): 100 nodes 2.7x the plain loop per round, 20 nodes 1.9x, 2 nodes 2.0x with twice the actors' memory."""
+    while a slow cohort finishes), at least ``AUTO_MIN_NODES``. Each node costs a message a round (about
+    17.5 ms in Flower's engine at 1,000 nodes), each cohort's reply holds its clients' updates: fewer nodes
+    cost less a round until the replies grow large (benchmarks/results/simulation_nodes.json, README)."""
     cpus = cfg.backend.num_cpus or os.cpu_count() or 1
     slots = max(1, int(cpus / float(cfg.backend.client_resources.num_cpus)))
     return max(AUTO_MIN_NODES, 4 * slots)

@@ -23,12 +23,12 @@ def _resolved(overrides):
     return cfg
 
 
-def test_clients_per_node_auto_keeps_one_node_per_client_up_to_4_per_actor_and_20_at_least():
-    two = ["backend.num_cpus=2"]  # 2 client actors: 20 nodes
-    assert auto_clients_per_node(compose(two + ["num_clients=20"])) == 1
+def test_clients_per_node_auto_keeps_one_node_per_client_up_to_4_per_actor_and_10_at_least():
+    two = ["backend.num_cpus=2"]  # 2 client actors: 10 nodes
+    assert auto_clients_per_node(compose(two + ["num_clients=10"])) == 1
     hundred = _resolved(two + ["num_clients=100"])
-    assert clients_per_node(hundred) == 5 and num_nodes(hundred) == 20
-    assert num_nodes(_resolved(two + ["num_clients=10001"])) == 20  # 501 per node, the last one 482
+    assert clients_per_node(hundred) == 10 and num_nodes(hundred) == 10
+    assert num_nodes(_resolved(two + ["num_clients=10001"])) == 10  # 1,001 per node, the last one 992
     sixteen = _resolved(["backend.num_cpus=16", "num_clients=1000"])  # 16 actors: 64 nodes
     assert clients_per_node(sixteen) == 16 and num_nodes(sixteen) == 63
     assert auto_clients_per_node(compose(two + ["num_clients=1000", "defense=secagg"])) == 1
