@@ -151,12 +151,11 @@ def unpack(reply: Message, instructions: dict[int, Message]) -> list[Message]:
     that failed as a whole fails each of its clients with its error)."""
     if reply.has_error():
         return [Message(error=Error(reply.error.code, reply.error.reason), reply_to=m) for m in instructions.values()]
-    content = reply.content
-    errors = content[COHORT_KEY] if COHORT_KEY in content else ConfigRecord({})
-    out = [Message(content=rd, reply_to=instructions[c]) for c, rd in _unpack_records(content).items()
+    index = reply.content[COHORT_KEY]
+    out = [Message(content=rd, reply_to=instructions[c]) for c, rd in _unpack_records(reply.content).items()
            if c in instructions]
-    for c in errors.get("failed", []):
-        error = Error(int(errors[f"code{c}"]), str(errors[f"error{c}"]))
+    for c in index.get("failed", []):
+        error = Error(int(index[f"code{c}"]), str(index[f"error{c}"]))
         out.append(Message(error=error, reply_to=instructions[int(c)]))
     return out
 
@@ -165,8 +164,13 @@ def is_cohort(msg: Message) -> bool:
     return msg.has_content() and COHORT_KEY in msg.content
 
 
+def _owner(c: int) -> str:
+    return f"client{c}"
+
+
 def _state_key(c: int, key: str) -> str:
-    return f"client{c}.{key}"
+    """Where client ``c``'s state record ``key`` lives in its node's context."""
+    return f"{_owner(c)}.{key}"
 
 
 def train_cohort(msg: Message, context: Context,
@@ -177,9 +181,12 @@ def train_cohort(msg: Message, context: Context,
     per_client = _unpack_records(msg.content)
     replies: dict[int, RecordDict] = {}
     failed: dict[str, Any] = {"failed": []}
+    kept: dict[str, dict[str, Any]] = {}  # the node's state by client: "client<c>" -> {key: record}
+    for k, v in context.state.items():
+        owner, _, key = k.partition(".")
+        kept.setdefault(owner, {})[key] = v
     for c, content in per_client.items():
-        prefix = _state_key(c, "")
-        state = RecordDict({k[len(prefix):]: v for k, v in context.state.items() if k.startswith(prefix)})
+        state = RecordDict(kept.get(_owner(c), {}))
         ctx = Context(run_id=context.run_id, node_id=context.node_id,
                       node_config={**context.node_config, "partition-id": c}, state=state,
                       run_config=context.run_config)
