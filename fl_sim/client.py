@@ -173,14 +173,14 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
     """
     get_cfg = cfg if callable(cfg) else (lambda _ctx, _c=_read_only(cfg): _c)
     app = ClientApp()
+    defenses = update_defenses_mod(get_cfg)  # on the app's replies, and on each cohort client's
 
-    @app.train(mods=[secagg_mod(get_cfg), update_defenses_mod(get_cfg)])
+    @app.train(mods=[secagg_mod(get_cfg), defenses])
     def _train(msg: Message, context: Context) -> Message:
         cfg = get_cfg(context)
         if cfg.scenario.name == "split":
             return client_split_step(cfg, msg, context)
         if is_cohort(msg):  # many virtual clients on this node: each trains in turn, through its own mods
-            defenses = update_defenses_mod(get_cfg)
             return train_cohort(msg, context, lambda m, c: defenses(m, c, lambda mm, cc: client_train(cfg, mm, cc)))
         return (client_train_legacy if cfg.defense.secagg else client_train)(cfg, msg, context)
 

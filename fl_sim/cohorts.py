@@ -67,12 +67,6 @@ def num_nodes(cfg: DictConfig) -> int:
     return math.ceil(int(cfg.num_clients) / clients_per_node(cfg))
 
 
-def members(cfg: DictConfig, host: int) -> range:
-    """The clients node ``host`` (its partition id) hosts."""
-    k = clients_per_node(cfg)
-    return range(host * k, min(int(cfg.num_clients), (host + 1) * k))
-
-
 def virtual_id(client: int) -> int:
     return VIRTUAL_BASE + int(client)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -197,11 +198,12 @@ def privacy_section(p: dict | None) -> list[str]:
             for r in p.get("epsilon_per_round", [])]
     clients = p.get("clients", {})
     if len(clients) > PRIVACY_ROWS:  # ε over the clients, and the ones that spent most
-        eps = sorted((v["epsilon"] or 0.0, c) for c, v in clients.items())
+        # ε null in summary.json is infinite (no noise): it ranks above every finite ε
+        eps = sorted((math.inf if v["epsilon"] is None else v["epsilon"], c) for c, v in clients.items())
         trained = sorted(len(v["rounds"]) for v in clients.values())
-        mid = len(eps) // 2
-        out += ["", f"ε over the {len(eps):,} clients that trained: min {_eps(eps[0][0])}, median "
-                f"{_eps(eps[mid][0])}, max {_eps(eps[-1][0])}; rounds trained per client: min {trained[0]}, "
+        shown = [_eps(e, not math.isfinite(e)) for e in (eps[0][0], eps[len(eps) // 2][0], eps[-1][0])]
+        out += ["", f"ε over the {len(eps):,} clients that trained: min {shown[0]}, median "
+                f"{shown[1]}, max {shown[2]}; rounds trained per client: min {trained[0]}, "
                 f"median {trained[len(trained) // 2]}, max {trained[-1]}. The {PRIVACY_ROWS} that spent most:"]
         clients = {c: clients[c] for _, c in eps[::-1][:PRIVACY_ROWS]}
     out += ["", "| client | ε | rounds trained | noise multiplier | sample rate |", "|---:|---:|---|---:|---:|"]

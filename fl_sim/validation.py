@@ -205,6 +205,7 @@ def validate(cfg: Any) -> None:
     _need(cfg.round_timeout > 0, f"round_timeout must be > 0 seconds (got {cfg.round_timeout})")
     _need(cfg.backend.connect_timeout > 0,
           f"backend.connect_timeout must be > 0 seconds (got {cfg.backend.connect_timeout})")
+    _need(cfg.attack.pictures >= 0, f"attack.pictures must be >= 0 (pictures per round; got {cfg.attack.pictures})")
     per_node = cfg.backend.get("clients_per_node")
     _need(per_node is None or per_node >= 1,
           f"backend.clients_per_node must be at least 1, or null for automatic (got {per_node})")

@@ -135,6 +135,7 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "synthetic_attack": (["experiment=cross_device", "attack=dlg"], "use attack=none"),
     "synthetic_min_size": (["experiment=cross_device", "dataset.min_size=1"], "dataset.min_size must be at least 2"),
     "natural_partition_of_images": (["partition=natural", "attack=none"], "dataset=mnist has none"),
+    "negative_pictures": (["attack.pictures=-1"], "attack.pictures must be >= 0"),
     "cohorts_under_secagg": (["defense=secagg", "backend.clients_per_node=2"], "cohorts are for federated runs"),
     # unknown group options, keys and types: refused while composing
     "unknown_dataset": (["dataset=nope"], "Could not find 'dataset/nope'; available options in 'dataset'"),

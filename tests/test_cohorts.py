@@ -1,6 +1,7 @@
 """Cohorts (fl_sim.cohorts): many virtual clients per simulated node, each still its own client."""
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fl_sim.cohorts import (COHORT_KEY, CohortGrid, auto_clients_per_node, clients_per_node, num_nodes, pack,
@@ -48,10 +49,10 @@ def test_bad_clients_per_node_is_one_line(overrides, words):
 
 
 def test_pack_carries_shared_records_once_and_a_clients_own_records_beside_them(task_identity):
-    model = ArrayRecord({"w": __import__("torch").zeros(3)})
+    model = ArrayRecord({"w": torch.zeros(3)})
     config = ConfigRecord({"server-round": 1})
     shared = RecordDict({"arrays": model, "config": config})
-    tampered = RecordDict({"arrays": ArrayRecord({"w": __import__("torch").ones(3)}), "config": config})
+    tampered = RecordDict({"arrays": ArrayRecord({"w": torch.ones(3)}), "config": config})
     content = pack(_instructions([4, 5, 6], shared, {5: tampered}))
     records = [k for k in content.keys() if k != COHORT_KEY]
     assert len(records) == 3  # the global model, the config, client 5's own model
@@ -196,6 +197,10 @@ def test_summary_and_report_at_scale_keep_sizes_not_a_row_per_client(tmp_path):
     assert "ε over the 150 clients that trained: min 1.000, median 1.750, max 2.490" in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| 1") and "| 0.5 |" in ln]
     assert len(rows) == 20 and rows[0].startswith("| 149 | 2.490")
+    # a client without noise (ε null in summary.json: infinite) spent most of all
+    summary["privacy"]["clients"]["7"]["epsilon"] = None
+    text = write_report(tmp_path, summary).read_text()
+    assert "min 1.000, median 1.760, max ∞" in text and "| 7 | ∞ |" in text  # client 7 (1.07) moved to the top
     assert np.isfinite(info["client_sizes"]["mean"])
 
 
@@ -219,7 +224,6 @@ def test_many_attack_entries_are_summarised_per_round_with_the_best_listed():
 
 
 def test_a_round_draws_at_most_attack_pictures_pictures_and_scores_every_attack(tmp_path):
-    import torch
 
     from attacks import Knowledge, Reconstruction
     from fl_sim.config import compose
