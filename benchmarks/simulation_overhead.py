@@ -13,7 +13,9 @@ FedProx's synthetic devices with logistic regression. Each side (plain loop, sim
 process of its own, so that each peak memory is its own: the driver's (ru_maxrss) and the client
 actors' (their resident memory, sampled every 0.2 s). ``--clients-per-node K`` sets the cohort size
 (default: fl_sim's automatic choice; 1: one node per client, as before cohorts). ``--scale 10,100,1000``
-runs the list and writes one row per size.
+runs the list and writes one row per size. ``--repeat R`` runs each side R times, interleaved, and gives
+the medians (the plain loop alone varies 0.44-0.80 s a round between invocations on this machine);
+``--compare-dispatch`` adds the simulation with Flower's own dispatch loop (``fl_sim.dispatch`` left out).
 
     python benchmarks/simulation_overhead.py --model mlp --clients 1000 --rounds 3
     python benchmarks/simulation_overhead.py --experiment cross_device --scale 10,100,1000,10000 --rounds 3
@@ -112,8 +114,12 @@ def driver_peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def simulation(cfg) -> dict:
+def simulation(cfg, flower_dispatch: bool = False) -> dict:
+    from fl_sim import dispatch
     from fl_sim.runner import run
+
+    if flower_dispatch:  # Flower's own engine loop: it looks for the server's messages every 0.1 s
+        dispatch.install = lambda: False
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d, ActorMemory() as actors:
@@ -150,7 +156,7 @@ def one(args) -> dict:
     from fl_sim.config import compose
 
     cfg = compose(overrides(args, args.clients))
-    out = plain_loop(cfg) if args.one == "plain" else simulation(cfg)
+    out = plain_loop(cfg) if args.one == "plain" else simulation(cfg, args.one == "flower-dispatch")
     out["steady_round_seconds"] = steady(out["rounds"])
     print(json.dumps(out))
     return out
@@ -175,18 +181,36 @@ def scale(args) -> None:
     """One row per size: plain loop and simulation, each in its own process, side by side."""
     rows = []
     for n in [int(v) for v in args.scale.split(",")]:
-        plain, sim = side(args, "plain", n), side(args, "simulation", n)
+        runs = {"plain": [], "simulation": [], "flower-dispatch": []}
+        for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side
+            for which in ("plain", "simulation", "flower-dispatch")[: 3 if args.compare_dispatch else 2]:
+                runs[which].append(side(args, which, n))
+        steady_of = {k: [r["steady_round_seconds"] for r in v] for k, v in runs.items()}
+        med = {k: statistics.median(v) for k, v in steady_of.items() if v}
+        plain, sim = runs["plain"][-1], runs["simulation"][-1]
         row = {"clients": n, **sim["simulation"],
-               "plain_steady_round_seconds": plain["steady_round_seconds"],
-               "simulation_steady_round_seconds": sim["steady_round_seconds"],
-               "ratio_steady_round": sim["steady_round_seconds"] / plain["steady_round_seconds"],
-               "simulation_first_round_seconds": sim["rounds"][0]["seconds"],
-               "startup_seconds": sim["startup_seconds"],
-               "driver_peak_gb": sim["driver_peak_gb"], "actor_peak_gb": sim["actor_peak_gb"], "actors": sim["actors"],
-               "plain_driver_peak_gb": plain["driver_peak_gb"],
+               "plain_steady_round_seconds": med["plain"],
+               "simulation_steady_round_seconds": med["simulation"],
+               "ratio_steady_round": med["simulation"] / med["plain"],
+               "invocations": args.repeat,
+               "each_steady_round_seconds": {k: v for k, v in steady_of.items() if v},
+               "simulation_first_round_seconds": statistics.median(r["rounds"][0]["seconds"] for r in runs["simulation"]),
+               "startup_seconds": statistics.median(r["startup_seconds"] for r in runs["simulation"]),
+               "driver_peak_gb": max(r["driver_peak_gb"] for r in runs["simulation"]),
+               "actor_peak_gb": max(r["actor_peak_gb"] for r in runs["simulation"]), "actors": sim["actors"],
+               "plain_driver_peak_gb": max(r["driver_peak_gb"] for r in runs["plain"]),
                "final_test_accuracy": {"plain": plain["rounds"][-1]["test_accuracy"],
                                        "simulation": sim["rounds"][-1]["test_accuracy"]},
                "wall_seconds": {"plain": plain["wall_seconds"], "simulation": sim["wall_seconds"]}}
+        if args.compare_dispatch:
+            flower = runs["flower-dispatch"][-1]
+            row["flower_dispatch"] = {"steady_round_seconds": med["flower-dispatch"],
+                                      "ratio_steady_round": med["flower-dispatch"] / med["plain"],
+                                      "startup_seconds": flower["startup_seconds"],
+                                      "driver_peak_gb": flower["driver_peak_gb"],
+                                      "final_test_accuracy": flower["rounds"][-1]["test_accuracy"]}
+            print(f"{n:>7} clients, Flower's dispatch loop: {med['flower-dispatch']:7.2f} s/round "
+                  f"(ratio {row['flower_dispatch']['ratio_steady_round']:.2f})", flush=True)
         rows.append(row)
         print(f"{n:>7} clients on {row['nodes']:>4} nodes: {row['simulation_steady_round_seconds']:7.2f} s/round "
               f"(plain {row['plain_steady_round_seconds']:.2f}, ratio {row['ratio_steady_round']:.2f}), start-up "
@@ -204,7 +228,8 @@ def scale(args) -> None:
                "reference": "plain: the same clients trained one after another in one process with all its threads "
                             "(fl_sim.training.local_train, FedAvg in double precision, central evaluation); "
                             "simulation: fl-sim's run on Flower/Ray, the setting a user gets",
-               "steady": "mean seconds per round after the first"}
+               "steady": "mean seconds per round after the first; with --repeat, the median over invocations "
+                         "(each_steady_round_seconds lists them all)"}
     Path(args.out).write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
@@ -220,7 +245,11 @@ def main() -> None:
     ap.add_argument("--experiment", default=None, help="a preset instead (cross_device: FedProx's synthetic devices)")
     ap.add_argument("--clients-per-node", type=int, default=None)
     ap.add_argument("--scale", default=None, help="comma-separated client counts: one row each")
-    ap.add_argument("--one", default=None, choices=["plain", "simulation"], help=argparse.SUPPRESS)
+    ap.add_argument("--one", default=None, choices=["plain", "simulation", "flower-dispatch"], help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="invocations of each side per size, interleaved; the row gives their medians and each one")
+    ap.add_argument("--compare-dispatch", action="store_true",
+                    help="with --scale: also the simulation with Flower's own dispatch loop (0.1 s polls), a column beside")
     args = ap.parse_args()
     if args.one:
         one(args)

@@ -9,6 +9,7 @@ continues a run from its checkpoint. The CLI (``fl_sim.cli``) is a thin Hydra wr
 from __future__ import annotations
 
 import contextlib
+import gc
 import copy
 import hashlib
 import json
@@ -24,7 +25,7 @@ from flwr import simulation
 from omegaconf import DictConfig, OmegaConf
 
 from defenses.inversion import bottlenecks
-from fl_sim import checkpoint
+from fl_sim import checkpoint, dispatch
 from fl_sim.attacking import ATTACK_RESOURCE
 from fl_sim.client import make_client_app
 from fl_sim.cohorts import auto_clients_per_node, clients_per_node, num_nodes
@@ -244,17 +245,21 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, resume_from: dict | None = 
             recorder.network = {"ray": "local", "listen": LOOPBACK, "ray_auth": ray_auth_mode(), "dashboard": False}
         network = loopback_only() if on_this_machine_only(cfg.backend.ray_address) else contextlib.nullcontext()
         _quiet_actor_shutdown()
+        dispatch.install()
         recorder.simulation_starting()
         with warnings.catch_warnings(), network:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
-            simulation.run_simulation(
-                server_app=make_server_app(cfg, recorder, resume_from),
-                client_app=make_client_app(plain),
-                num_supernodes=num_nodes(cfg),
-                backend_config=backend_config(cfg),
-                verbose_logging=bool(cfg.verbose),
-            )
+            try:
+                simulation.run_simulation(
+                    server_app=make_server_app(cfg, recorder, resume_from),
+                    client_app=make_client_app(plain),
+                    num_supernodes=num_nodes(cfg),
+                    backend_config=backend_config(cfg),
+                    verbose_logging=bool(cfg.verbose),
+                )
+            finally:
+                gc.unfreeze()  # what fl_sim.server froze for the run is collectable again
         recorder.simulation_finished()
         if len(recorder.rounds) != cfg.num_rounds:
             raise RuntimeError(f"the simulation ended after {len(recorder.rounds)} of {cfg.num_rounds} rounds")
