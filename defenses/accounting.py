@@ -70,28 +70,3 @@ def dp_accounting_epsilon(history: Sequence[Step], delta: float, accountant: str
         acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
     return float(acc.compose(event).get_epsilon(delta))
 
-
-def fixed_size_sampled_epsilon(noise_multiplier: float, population: int, sample_size: int, releases: int,
-                               delta: float) -> float:
-    """ε(δ) of ``releases`` Gaussian releases of a clipped *sum* (noise std = ``noise_multiplier`` × the
-    clipping norm C), each over ``sample_size`` of ``population`` members drawn uniformly without
-    replacement: user-level DP with amplification by client sampling.
-
-    Fixed-size sampling is analysed under the *replace-one* relation (the population size is public;
-    Wang, Balle & Kasiviswanathan, AISTATS 2019, Thm 27, in ``dp-accounting``'s RDP accountant). Replacing
-    one member's clipped update changes the sum by up to 2C, so the mechanism's noise multiplier relative
-    to its sensitivity is ``noise_multiplier / 2``. The figure assumes the sample stays secret from the
-    attacker. It is not comparable one to one with an add/remove-one ε: replace-one is the stronger
-    relation (one replacement is an add and a remove), so at full participation it is the larger."""
-    if releases <= 0:
-        return 0.0
-    if noise_multiplier <= 0:
-        return math.inf
-    import dp_accounting
-
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.SampledWithoutReplacementDpEvent(
-            int(population), int(sample_size), dp_accounting.GaussianDpEvent(noise_multiplier / 2)),
-        int(releases))
-    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    return float(acc.compose(event).get_epsilon(delta))
