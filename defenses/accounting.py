@@ -55,6 +55,30 @@ def local_dp_noise_multiplier(epsilon_per_release: float, delta: float) -> float
     return math.sqrt(2 * math.log(1.25 / delta)) / epsilon_per_release
 
 
+def sampled_user_level_epsilon(noise_multipliers: Sequence[float], population: int, sample_size: int,
+                               delta: float) -> float:
+    """ε(δ) of user-level rounds that each draw ``sample_size`` of ``population`` users uniformly without
+    replacement and release their clipped sum plus Gaussian noise of multiplier z (std z·C, one z per
+    round in ``noise_multipliers``): amplification by subsampling under the *replace-one* relation, the
+    one fixed-size sampling is analysed in (Wang, Balle & Kasiviswanathan, AISTATS 2019; dp-accounting's
+    RDP accountant). Replacing one user moves the sum by up to 2C, so each round is a Gaussian of
+    multiplier z/2 relative to that sensitivity. ∞ when a round has no noise."""
+    import dp_accounting
+
+    counts: dict[float, int] = {}
+    for z in noise_multipliers:
+        counts[float(z)] = counts.get(float(z), 0) + 1
+    if not counts:
+        return 0.0
+    if min(counts) <= 0:
+        return math.inf
+    event = dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+            int(population), int(sample_size), dp_accounting.GaussianDpEvent(z / 2)), n) for z, n in counts.items()])
+    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    return float(acc.compose(event).get_epsilon(delta))
+
+
 def dp_accounting_epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> float:
     """The same ε from Google's ``dp-accounting`` (an independent implementation, for cross-checks):
     Poisson-subsampled Gaussian events composed over the history; ``accountant`` "rdp" or "pld"."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Message
 from omegaconf import DictConfig
 
-from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier
+from defenses.accounting import calibrate_noise, epsilon, local_dp_noise_multiplier, sampled_user_level_epsilon
 from defenses.dpsgd import make_dp_compatible, resolve_grad_sample_mode, sample_rate, steps_per_epoch
 from fl_sim.data import FederatedData
 from fl_sim.sampling import num_sampled
@@ -212,36 +212,78 @@ def privacy_ledger(cfg: DictConfig, data: FederatedData) -> PrivacyLedger | None
 
 class CentralDP:
     """User-level DP of the released global models (Flower's DP wrappers add the noise). Each round
-    with updates is one Gaussian mechanism of noise multiplier z on the clipped sum, composed over the
-    rounds with Opacus' RDP accountant; no amplification by client sampling is claimed (as Flower's
-    accountant's "no-amplification"), so ε is an upper bound. Adaptive clipping also spends budget on
-    the clipped-count estimate (Andrew et al. 2021): its ε is not accounted here and reported as such."""
+    with updates is one Gaussian mechanism on the clipped sum of the aggregated updates, composed over
+    the rounds with RDP. Two bounds are reported. ``epsilon``: add/remove-one neighbours, no
+    amplification by client sampling (as Flower's accountant's "no-amplification"), an upper bound
+    that holds whoever knows which clients were sampled. ``epsilon_sampled`` (when fewer than all
+    clients are sampled a round): the amplification by drawing them uniformly without replacement,
+    under the replace-one relation that fixed-size sampling is analysed in; it holds for whoever sees
+    only the released models, not for the server that drew the sample.
+
+    Flower's noise is calibrated to the number of *sampled* clients (std z·C/m on the mean) while the
+    mean is over the replies actually aggregated (r ≤ m: failures, rejected or out-of-budget updates),
+    so a round with r replies has noise multiplier z·r/m on their sum; ε is accounted with that.
+    Adaptive clipping also spends budget on the clipped-count estimate (Andrew et al. 2021): its ε is
+    not accounted here and reported as such."""
 
     def __init__(self, cfg: DictConfig):
         d, st = cfg.defense, cfg.strategy
         self.z, self.delta = float(d.central_noise_multiplier), float(d.delta)
         self.adaptive = d.central_clipping == "adaptive"
         self.side, self.clipping_norm = str(d.central_side), float(d.clipping_norm)
+        self.population = int(cfg.num_clients)
         self.num_sampled = num_sampled(cfg.num_clients, st.fraction_train, st.min_train_clients)
         self.rounds: list[int] = []
         self.per_round: list[dict] = []
 
-    def released(self, server_round: int) -> None:
+    @property
+    def amplified(self) -> bool:
+        return not self.adaptive and self.num_sampled < self.population
+
+    def released(self, server_round: int, aggregated: int) -> None:
+        """Round ``server_round`` released a model averaged over ``aggregated`` clipped updates."""
         self.rounds.append(server_round)
-        eps = None if self.adaptive else epsilon([(self.z, 1.0, len(self.rounds))], self.delta, "rdp")
-        self.per_round.append({"round": server_round, "epsilon": eps if eps is None or math.isfinite(eps) else None,
-                               "infinite": eps is not None and not math.isfinite(eps)})
+        z = self.z * min(aggregated, self.num_sampled) / self.num_sampled
+        zs = [r.get("noise_multiplier", self.z) for r in self.per_round] + [z]
+        counts = {zi: zs.count(zi) for zi in set(zs)}  # one accountant entry per distinct noise level
+        eps = None if self.adaptive else epsilon([(zi, 1.0, n) for zi, n in counts.items()], self.delta, "rdp")
+        entry = {"round": server_round, "aggregated": aggregated, "noise_multiplier": z,
+                 "epsilon": _finite(eps) if eps is not None else None,
+                 "infinite": eps is not None and not math.isfinite(eps)}
+        if self.amplified:
+            entry["epsilon_sampled"] = _finite(sampled_user_level_epsilon(zs, self.population, self.num_sampled,
+                                                                          self.delta))
+        self.per_round.append(entry)
 
     def summary(self) -> dict:
         last = self.per_round[-1] if self.per_round else {"epsilon": None, "infinite": False}
+        short = [r for r in self.per_round if r.get("aggregated", self.num_sampled) < self.num_sampled]
         return {
             "mechanism": "central_dp", "accountant": None if self.adaptive else "rdp", "delta": self.delta,
             "epsilon": last["epsilon"], "infinite": last["infinite"], "clients": {}, "max_epsilon": None,
+            "epsilon_sampled": last.get("epsilon_sampled") if self.amplified else None,
+            "sampling": {"population": self.population, "sample_size": self.num_sampled,
+                         "method": "uniform without replacement", "relation": "replace-one",
+                         # the same relation without amplification: what the sampling gains
+                         "epsilon_without_sampling": _finite(sampled_user_level_epsilon(
+                             [r.get("noise_multiplier", self.z) for r in self.per_round], self.population,
+                             self.population, self.delta))} if self.amplified else None,
             "epsilon_per_round": self.per_round, "stopped": [], "model_changes": [],
             "notes": [f"user-level DP of each client's whole update, {self.side}-side "
                       f"{'adaptive' if self.adaptive else 'fixed'} clipping (norm {self.clipping_norm:g}"
                       f"{' initially' if self.adaptive else ''}), noise multiplier {self.z:g} on the clipped sum of "
                       f"{self.num_sampled} sampled clients (Flower's DP wrapper); ε composes the released rounds "
-                      "with no amplification by sampling (an upper bound)"
-                      + ("; ε not accounted: adaptive clipping's count noise is not modelled here" if self.adaptive else "")],
+                      "(add/remove-one neighbours) with no amplification by sampling (an upper bound)"
+                      + ("; ε not accounted: adaptive clipping's count noise is not modelled here"
+                         if self.adaptive else "")]
+            + ([f"ε_sampled: amplified by drawing {self.num_sampled} of {self.population} clients uniformly without "
+                "replacement each round (RDP, replace-one neighbours, noise multiplier z/2 against the sum's "
+                "replace-one sensitivity 2C; Wang, Balle & Kasiviswanathan 2019, through dp-accounting); it holds "
+                "against whoever sees only the released models, not the server that knows the sample. Replace-one "
+                "neighbours differ by a removal and an addition, so compare it with ε_without_sampling of the same "
+                "relation, not with the add/remove ε: at high sampling rates it can exceed the add/remove bound"]
+               if self.amplified else [])
+            + ([f"{len(short)} round(s) aggregated fewer updates than were sampled (failed, rejected, out of budget): "
+                "Flower's noise is calibrated to the sampled count, so those rounds are accounted with the lower "
+                "noise multiplier z·aggregated/sampled"] if short else []),
         }

@@ -192,10 +192,18 @@ def privacy_section(p: dict | None) -> list[str]:
     out += [f"Mechanism `{p['mechanism']}`, accountant `{p['accountant']}`, δ = {p['delta']:g}; "
             f"worst client ε = **{_eps(p['epsilon'], p['infinite'])}**"
             + (f" (budget max_epsilon = {p['max_epsilon']:g})" if p.get("max_epsilon") is not None else "") + ".", ""]
+    if p.get("sampling"):  # central DP with client sampling: the amplified bound beside the upper bound
+        smp = p["sampling"]
+        out += [f"Replace-one neighbours (the relation fixed-size sampling is analysed in): ε = "
+                f"**{_eps(p['epsilon_sampled'])}** with the amplification by sampling {smp['sample_size']} of "
+                f"{smp['population']:,} clients a round (against whoever sees only the released models), "
+                f"{_eps(smp['epsilon_without_sampling'])} without it.", ""]
     out += [f"- {n}" for n in p.get("notes", [])] + [f"- model changed for DP: {c}" for c in p.get("model_changes", [])]
-    out += ["", "| round | ε (worst client so far) |", "|---:|---:|"]
+    sampled = bool(p.get("sampling"))
+    out += ["", "| round | ε (worst client so far) |" + (" ε with sampling |" if sampled else ""),
+            "|---:|---:|" + ("---:|" if sampled else "")]
     out += [f"| {r['round']} | {_eps(r['epsilon'], r['infinite'] or r['epsilon'] is None)} |"
-            for r in p.get("epsilon_per_round", [])]
+            + (f" {_eps(r.get('epsilon_sampled'))} |" if sampled else "") for r in p.get("epsilon_per_round", [])]
     clients = p.get("clients", {})
     if len(clients) > PRIVACY_ROWS:  # ε over the clients, and the ones that spent most
         # ε null in summary.json is infinite (no noise): it ranks above every finite ε
@@ -213,7 +221,9 @@ def privacy_section(p: dict | None) -> list[str]:
     if p.get("central"):  # central DP stacked on DP-SGD: a second, user-level guarantee
         c = p["central"]
         out.append(f"\nAlso `{c['mechanism']}` (user-level): ε = {_eps(c['epsilon'], c['infinite'])} at "
-                   f"δ = {c['delta']:g}. " + " ".join(c.get("notes", [])))
+                   f"δ = {c['delta']:g}"
+                   + (f" (with sampling: {_eps(c['epsilon_sampled'])})" if c.get("sampling") else "") + ". "
+                   + " ".join(c.get("notes", [])))
     for st in p.get("stopped", []):
         out.append(f"\nClient {st['client']} stopped training at round {st['round']}: its next round would have "
                    f"exceeded max_epsilon (ε spent: {_eps(st['epsilon'])}); the run went on without it.")

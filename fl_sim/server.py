@@ -207,7 +207,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
             ledger.end_round(rnd)
             recorder.privacy = ledger.summary()
         if central is not None and ok:
-            central.released(rnd)
+            central.released(rnd, len(ok))
             recorder.privacy = central.summary() if ledger is None else {**recorder.privacy, "central": central.summary()}
         attack_seconds = participant_seconds  # part of the round's seconds, as the server's attacks are
         if isinstance(strategy, AdversarialStrategy):

@@ -212,3 +212,72 @@ def test_auto_grad_sample_mode_is_the_benchmarks_fastest_correct_mode():
     measured = json.loads((Path(__file__).parents[1] / "benchmarks/results/dp_overhead.json").read_text())
     assert FASTEST_MODE == measured["fastest_correct_mode"]
     assert resolve_grad_sample_mode("auto", "mlp") == "hooks" and resolve_grad_sample_mode("ghost", "lenet") == "ghost"
+
+
+def test_sampled_user_level_epsilon_is_the_replace_one_gaussian_without_sampling_and_smaller_with_it():
+    from defenses.accounting import sampled_user_level_epsilon
+
+    # every client sampled: no amplification, a Gaussian of multiplier z/2 (replace-one sensitivity 2C)
+    full = sampled_user_level_epsilon([2.0] * 10, 50, 50, 1e-5)
+    assert full == pytest.approx(epsilon([(1.0, 1.0, 10)], 1e-5), rel=0.02)  # two libraries, their own RDP orders
+    few = sampled_user_level_epsilon([1.0] * 100, 1000, 10, 1e-5)  # 10 of 1,000 a round, 100 rounds
+    assert few < epsilon([(1.0, 1.0, 100)], 1e-5) / 4  # far below the add/remove bound without amplification
+    assert sampled_user_level_epsilon([1.0] * 200, 1000, 10, 1e-5) > few  # composes over rounds
+    assert sampled_user_level_epsilon([1.0] * 100, 1000, 20, 1e-5) > few  # a larger sample spends more
+    assert sampled_user_level_epsilon([1.0, 0.0], 1000, 10, 1e-5) == math.inf
+    mixed = sampled_user_level_epsilon([1.0] * 50 + [0.5] * 50, 1000, 10, 1e-5)
+    assert few < mixed < sampled_user_level_epsilon([0.5] * 100, 1000, 10, 1e-5)
+
+
+def _central(overrides):
+    from fl_sim.config import compose
+    from fl_sim.privacy import CentralDP
+
+    return CentralDP(compose(["dataset=digits", "model=mlp", "attack=none", "defense=central_dp",
+                              "defense.central_noise_multiplier=1.0", *overrides]))
+
+
+def test_central_dp_reports_the_sampled_bound_and_accounts_short_rounds_with_less_noise():
+    from fl_sim.report import privacy_section
+
+    c = _central(["num_clients=100", "strategy.fraction_train=0.1", "strategy.min_train_clients=1"])
+    assert c.num_sampled == 10 and c.amplified
+    for rnd in (1, 2, 3):
+        c.released(rnd, 10)
+    s = c.summary()
+    assert s["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], 1e-5), rel=1e-9)  # the add/remove upper bound
+    assert s["epsilon_sampled"] == pytest.approx(
+        dp_accounting_sampled(1.0, 100, 10, 3, 1e-5), rel=1e-9)
+    unsampled = s["sampling"].pop("epsilon_without_sampling")  # the same relation, every client every round
+    assert unsampled == pytest.approx(dp_accounting_sampled(1.0, 100, 100, 3, 1e-5), rel=1e-9)
+    assert s["epsilon_sampled"] < unsampled  # drawing 10 of 100 gains under replace-one (weakly at z/2 = 0.5)
+    assert s["sampling"] == {"population": 100, "sample_size": 10, "method": "uniform without replacement",
+                             "relation": "replace-one"}
+    s = c.summary()
+    assert "without it" in "\n".join(privacy_section(s))
+    c.released(4, 5)  # half the sampled updates aggregated: Flower's std z·C/10 on a mean of 5 is z/2 on the sum
+    s = c.summary()
+    assert s["epsilon_per_round"][-1]["noise_multiplier"] == 0.5
+    assert s["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3), (0.5, 1.0, 1)], 1e-5), rel=1e-9)
+    assert s["epsilon"] > epsilon([(1.0, 1.0, 4)], 1e-5)
+    assert any("fewer updates than were sampled" in n for n in s["notes"])
+    report = "\n".join(privacy_section(s))
+    assert "ε with sampling" in report and f"| 4 | {s['epsilon']:.3f} | {s['epsilon_sampled']:.3f} |" in report
+
+    everyone = _central(["num_clients=4"])  # all clients every round: nothing to amplify
+    everyone.released(1, 4)
+    s = everyone.summary()
+    assert s["epsilon_sampled"] is None and s["sampling"] is None
+    assert "ε with sampling" not in "\n".join(privacy_section(s))
+    adaptive = _central(["num_clients=100", "strategy.fraction_train=0.1", "defense.central_clipping=adaptive"])
+    adaptive.released(1, 10)
+    assert adaptive.summary()["epsilon"] is None and adaptive.summary()["epsilon_sampled"] is None
+
+
+def dp_accounting_sampled(z, n, m, rounds, delta):
+    """Independent of fl_sim's helper: dp-accounting's RDP of ``rounds`` fixed-size samples, Gaussian z/2."""
+    import dp_accounting
+
+    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(z / 2)), rounds)
+    return acc.get_epsilon(delta)
