@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from defenses.dpsgd import dp_local_train, resolve_grad_sample_mode, steps_per_epoch
 from defenses.inversion import BiDO, inversion_defense_loss, seed_bottlenecks
 from fl_sim.client_mods import secagg_mod, update_defenses_mod
-from fl_sim.cohorts import is_cohort, num_nodes, train_cohort
+from fl_sim.cohorts import in_cohort, is_cohort, num_nodes, train_cohort
 from fl_sim.faults import maybe_fail, sends_nan
 from fl_sim.malicious import INJECTED_KEY, as_received
 from fl_sim.privacy import DPBudget, dp_mechanism, restore_dp
@@ -53,7 +53,7 @@ def client_train(cfg: DictConfig, msg: Message, context: Context) -> Message:
         x, y = torch.cat([x, extra["inputs"].to(x.device)]), torch.cat([y, extra["labels"].to(y.device)])
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
-    delay = maybe_fail(cfg, server_round, cid)
+    delay = maybe_fail(cfg, server_round, cid, sleep=not in_cohort(context))  # a cohort's node accounts it
     received = _as_state_dict(msg.content["arrays"])
     model = as_received(ws.model, received, ws.data.input_shape)  # a malicious server's block, when sent one
     model.load_state_dict(received)
@@ -181,7 +181,8 @@ def make_client_app(cfg: dict | DictConfig | Callable[[Context], DictConfig]) ->
         if cfg.scenario.name == "split":
             return client_split_step(cfg, msg, context)
         if is_cohort(msg):  # many virtual clients on this node: each trains in turn, through its own mods
-            return train_cohort(msg, context, lambda m, c: defenses(m, c, lambda mm, cc: client_train(cfg, mm, cc)))
+            return train_cohort(msg, context, lambda m, c: defenses(m, c, lambda mm, cc: client_train(cfg, mm, cc)),
+                                round_timeout=cfg.round_timeout)
         return (client_train_legacy if cfg.defense.secagg else client_train)(cfg, msg, context)
 
     @app.query()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from typing import Any, Callable, Iterable
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 
 COHORT_KEY = "fl_sim.cohort"  # the packing record of a cohort message (and of its reply)
 VIRTUAL_BASE = 1 << 48  # virtual node ids: VIRTUAL_BASE + client id (server side only)
+MEMBER_KEY = "fl_sim.cohort-member"  # in a client's node_config within a cohort message
 AUTO_MIN_NODES = 10  # ``clients_per_node: null``: at least this many nodes, and 4 per client actor
 
 
@@ -167,11 +169,23 @@ def _state_key(c: int, key: str) -> str:
     return f"{_owner(c)}.{key}"
 
 
-def train_cohort(msg: Message, context: Context,
-                 train_one: Callable[[Message, Context], Message]) -> Message:
+def in_cohort(context: Context) -> bool:
+    """Whether ``context`` is a client's within a cohort message (``train_cohort`` made it)."""
+    return bool(context.node_config.get(MEMBER_KEY, False))
+
+
+def train_cohort(msg: Message, context: Context, train_one: Callable[[Message, Context], Message],
+                 round_timeout: float | None = None) -> Message:
     """A node's cohort message: every client in it trains in turn (``train_one``: the client's
     training with its mods), in its own context (partition id, state kept under its id in the
-    node's); one reply carries every client's reply, and the failures, each with its reason."""
+    node's); one reply carries every client's reply, and the failures, each with its reason.
+
+    Stragglers stay per client: a client reports its simulated delay (``client.delay``) without
+    sleeping it, as if on a device of its own, so its delay is not its cohort's. A client whose
+    training plus delay reaches ``round_timeout`` is left out of the reply (the server finds no reply
+    from it, as from a lone straggler); the node then waits until the slowest client it kept would have
+    answered. One difference remains: a round whose straggler was left out ends when the others have
+    answered, where with one node per client the server waits for it until ``round_timeout``."""
     per_client = _unpack_records(msg.content)
     replies: dict[int, RecordDict] = {}
     failed: dict[str, Any] = {"failed": []}
@@ -179,12 +193,14 @@ def train_cohort(msg: Message, context: Context,
     for k, v in context.state.items():
         owner, _, key = k.partition(".")
         kept.setdefault(owner, {})[key] = v
+    start, finish = time.monotonic(), 0.0  # finish: when the slowest client kept would have answered
     for c, content in per_client.items():
         state = RecordDict(kept.get(_owner(c), {}))
         ctx = Context(run_id=context.run_id, node_id=context.node_id,
-                      node_config={**context.node_config, "partition-id": c}, state=state,
+                      node_config={**context.node_config, "partition-id": c, MEMBER_KEY: True}, state=state,
                       run_config=context.run_config)
         sub = Message(content=content, metadata=copy.copy(msg.metadata))  # as if sent to this client alone
+        began = time.monotonic()
         try:
             out = train_one(sub, ctx)
         except Exception as e:  # noqa: BLE001 - one client's failure is that client's, as Flower reports it
@@ -198,8 +214,14 @@ def train_cohort(msg: Message, context: Context,
         if out.has_error():
             failed["failed"].append(c)
             failed[f"code{c}"], failed[f"error{c}"] = int(out.error.code), str(out.error.reason)
-        else:
-            replies[c] = out.content
+            continue
+        delay = float(out.content["client"].get("delay", 0.0)) if "client" in out.content else 0.0
+        own = time.monotonic() - began + delay  # the client's time on a device of its own
+        if round_timeout is not None and delay > 0 and own >= round_timeout:
+            continue  # a straggler past the round's timeout: its reply never arrives
+        finish = max(finish, own)
+        replies[c] = out.content
+    time.sleep(max(0.0, finish - (time.monotonic() - start)))
     content = _pack_records(replies)
     index = dict(content[COHORT_KEY].items())
     content[COHORT_KEY] = ConfigRecord({**index, **failed})

@@ -27,9 +27,11 @@ def drops_out(seed: int, server_round: int, cid: int, probability: float) -> boo
     return probability > 0 and np.random.default_rng([seed, server_round, cid, 0xD0]).random() < probability
 
 
-def maybe_fail(cfg: DictConfig, server_round: int, cid: int) -> float:
+def maybe_fail(cfg: DictConfig, server_round: int, cid: int, sleep: bool = True) -> float:
     """The simulated failures of a client in a round (``client.dropout``, ``faults.*``), all seeded:
-    raise (drop-out, crash), end the process (crash_mode=exit), or sleep (straggler; returns the delay)."""
+    raise (drop-out, crash), end the process (crash_mode=exit), or straggle (returns the delay; sleeps
+    it unless ``sleep`` is false: a client of a cohort, whose node accounts the delay as the client's own,
+    ``fl_sim.cohorts.train_cohort``)."""
     if drops_out(cfg.seed, server_round, cid, float(cfg.client.dropout)):
         raise ClientDropout(f"client {cid} dropped out of round {server_round} (client.dropout={cfg.client.dropout})")
     f = cfg.faults
@@ -40,7 +42,8 @@ def maybe_fail(cfg: DictConfig, server_round: int, cid: int) -> float:
             os._exit(3)  # the Ray actor dies; the engine must replace it
         raise ClientCrash(f"client {cid} crashed in round {server_round} (faults.client_crash_rate={f.client_crash_rate})")
     if draws[1] < float(f.straggler_rate) and f.straggler_seconds > 0:
-        time.sleep(float(f.straggler_seconds))
+        if sleep:
+            time.sleep(float(f.straggler_seconds))
         return float(f.straggler_seconds)
     return 0.0
 

@@ -1,11 +1,13 @@
 """Cohorts (fl_sim.cohorts): many virtual clients per simulated node, each still its own client."""
 
+import time
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from fl_sim.cohorts import (COHORT_KEY, CohortGrid, auto_clients_per_node, clients_per_node, num_nodes, pack,
-                            train_cohort, unpack, virtual_id)
+from fl_sim.cohorts import (COHORT_KEY, CohortGrid, auto_clients_per_node, clients_per_node, in_cohort, num_nodes,
+                            pack, train_cohort, unpack, virtual_id)
 from fl_sim.config import ConfigError, compose
 from fl_sim.validation import validate
 
@@ -95,6 +97,30 @@ def test_train_cohort_gives_each_client_its_own_id_state_and_failure(task_identi
     assert not by_src[virtual_id(1)].has_error()
 
 
+def test_a_cohorts_straggler_is_its_own_and_past_the_timeout_its_reply_never_arrives(task_identity):
+    """Each client's simulated delay is its own (as on a device of its own): a straggler past round_timeout
+    is missing from the node's reply, as a lone straggler's reply would be; one within it is kept, and the
+    node answers when that client would have (its delay), not after the sum of its clients' delays."""
+    delays = {0: 0.0, 1: 0.3, 2: 5.0, 3: 0.3}
+    members = []
+
+    def train_one(msg, ctx):
+        cid = int(ctx.node_config["partition-id"])
+        members.append(in_cohort(ctx))
+        return Message(RecordDict({"client": ConfigRecord({"partition-id": cid, "delay": delays[cid]})}), reply_to=msg)
+
+    ins = _instructions([0, 1, 2, 3], RecordDict({"config": ConfigRecord({"server-round": 1})}))
+    packed = Message(pack(ins), dst_node_id=7, message_type="train")
+    t = time.monotonic()
+    reply = train_cohort(packed, _node_context(), train_one, round_timeout=2.0)
+    took = time.monotonic() - t
+    assert members == [True] * 4 and not in_cohort(_node_context())
+    back = {m.metadata.src_node_id: m for m in unpack(reply, ins)}
+    assert set(back) == {virtual_id(0), virtual_id(1), virtual_id(3)}  # client 2 (5 s > 2 s) never answers
+    assert not any(m.has_error() for m in back.values())
+    assert 0.3 <= took < 0.55  # the slowest kept client's 0.3 s, once: not 0.3 + 0.3 (nor 5)
+
+
 def test_a_node_that_fails_as_a_whole_fails_each_of_its_clients(task_identity):
     ins = _instructions([0, 1], RecordDict({"config": ConfigRecord({"server-round": 1})}))
     packed = Message(pack(ins), dst_node_id=7, message_type="train")
@@ -138,15 +164,17 @@ def test_cohort_grid_sends_one_message_per_host_and_returns_one_reply_per_client
 
 @pytest.mark.e2e
 def test_a_cohort_run_equals_one_node_per_client_with_dp_budgets_and_crashes(compose, tmp_path):
-    """The same run with 6 clients on 6 nodes and on 2 nodes of 3: bit-identical rounds, failures and
+    """The same run with 6 clients on 6 nodes and on 2 nodes of 3: bit-identical rounds, failures, stragglers and
     per-client DP budgets (kept in each client's own state across rounds), on the real simulation."""
     from fl_sim.runner import run
 
     common = ["dataset=digits", "model=mlp", "model.hidden=[32]", "num_clients=6", "num_rounds=2", "client.lr=0.1",
-              "client.local_epochs=1", "attack=none", "defense=dpsgd", "faults.client_crash_rate=0.25"]
+              "client.local_epochs=1", "attack=none", "defense=dpsgd", "faults.client_crash_rate=0.25",
+              "faults.straggler_rate=0.25", "faults.straggler_seconds=0.2"]
     alone = run(compose(common + ["backend.clients_per_node=1"]), tmp_path / "alone")
     cohort = run(compose(common + ["backend.clients_per_node=3"]), tmp_path / "cohort")
-    assert sum(r["failures"] for r in alone["rounds"]) > 0  # the premise: some client crashed
+    assert sum(r["failures"] for r in alone["rounds"]) > 0  # the premise: some client crashed, some straggled
+    assert sum(r["stragglers"] for r in alone["rounds"]) > 0
     drop = {"seconds", "attack_seconds"}
     assert ([{k: v for k, v in r.items() if k not in drop} for r in cohort["rounds"]]
             == [{k: v for k, v in r.items() if k not in drop} for r in alone["rounds"]])
