@@ -13,8 +13,9 @@ FedProx's synthetic devices with logistic regression. Each side (plain loop, sim
 process of its own, so that each peak memory is its own: the driver's (ru_maxrss) and the client
 actors' (their resident memory, sampled every 0.2 s). ``--clients-per-node K`` sets the cohort size
 (default: fl_sim's automatic choice; 1: one node per client, as before cohorts). ``--scale 10,100,1000``
-runs the list and writes one row per size. ``--repeat R`` runs each side R times, interleaved, and gives
-the medians (the plain loop alone varies 0.44-0.80 s a round between invocations on this machine);
+runs the list and writes one row per size. ``--repeat R`` runs each side R times, interleaved (each side first
+in turn, and each after the previous side's Ray processes are gone and the CPUs idle), and gives the medians
+(the plain loop alone varies 0.44-0.80 s a round between invocations on this machine);
 ``--compare-dispatch`` adds the simulation with Flower's own dispatch loop (``fl_sim.dispatch`` left out).
 
     python benchmarks/simulation_overhead.py --model mlp --clients 1000 --rounds 3
@@ -162,8 +163,26 @@ def one(args) -> dict:
     return out
 
 
+def settle(limit: float = 60.0) -> float:
+    """Wait until no Ray process is left from the previous side and the CPUs are idle (both under ``limit``
+    seconds), so that one side's shutdown does not slow the next; the seconds waited."""
+    import psutil
+
+    t0 = time.perf_counter()
+    ray_names = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor", "default_worker")
+    while time.perf_counter() - t0 < limit:
+        alive = [p for p in psutil.process_iter(["name", "cmdline"])
+                 if any(n in " ".join(p.info["cmdline"] or [p.info["name"] or ""]) for n in ray_names)]
+        if not alive and psutil.cpu_percent(interval=1.0) < 20:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - t0
+
+
 def side(args, which: str, clients: int) -> dict:
     import subprocess
+
+    settle()
 
     cmd = [sys.executable, __file__, "--one", which, "--clients", str(clients), "--rounds", str(args.rounds),
            "--width", str(args.width), "--model", args.model, "--num-cpus-per-client", str(args.num_cpus_per_client)]
@@ -182,8 +201,9 @@ def scale(args) -> None:
     rows = []
     for n in [int(v) for v in args.scale.split(",")]:
         runs = {"plain": [], "simulation": [], "flower-dispatch": []}
-        for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side
-            for which in ("plain", "simulation", "flower-dispatch")[: 3 if args.compare_dispatch else 2]:
+        sides = ["plain", "simulation", "flower-dispatch"][: 3 if args.compare_dispatch else 2]
+        for i in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every side,
+            for which in sides[i % len(sides):] + sides[: i % len(sides)]:  # each side first in turn
                 runs[which].append(side(args, which, n))
         steady_of = {k: [r["steady_round_seconds"] for r in v] for k, v in runs.items()}
         med = {k: statistics.median(v) for k, v in steady_of.items() if v}

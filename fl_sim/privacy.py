@@ -253,6 +253,9 @@ class CentralDP:
         if self.amplified:
             entry["epsilon_sampled"] = _finite(sampled_user_level_epsilon(zs, self.population, self.num_sampled,
                                                                           self.delta))
+            # the same replace-one relation without amplification: what the sampling gains
+            entry["epsilon_without_sampling"] = _finite(sampled_user_level_epsilon(zs, self.population,
+                                                                                   self.population, self.delta))
         self.per_round.append(entry)
 
     def summary(self) -> dict:
@@ -264,10 +267,8 @@ class CentralDP:
             "epsilon_sampled": last.get("epsilon_sampled") if self.amplified else None,
             "sampling": {"population": self.population, "sample_size": self.num_sampled,
                          "method": "uniform without replacement", "relation": "replace-one",
-                         # the same relation without amplification: what the sampling gains
-                         "epsilon_without_sampling": _finite(sampled_user_level_epsilon(
-                             [r.get("noise_multiplier", self.z) for r in self.per_round], self.population,
-                             self.population, self.delta))} if self.amplified else None,
+                         "epsilon_without_sampling": last.get("epsilon_without_sampling")}
+            if self.amplified else None,
             "epsilon_per_round": self.per_round, "stopped": [], "model_changes": [],
             "notes": [f"user-level DP of each client's whole update, {self.side}-side "
                       f"{'adaptive' if self.adaptive else 'fixed'} clipping (norm {self.clipping_norm:g}"
