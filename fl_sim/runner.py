@@ -136,8 +136,11 @@ def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
     """What the model-inversion defenses change in every party's model and loss, for summary and report."""
     d, out = cfg.defense, []
     for b in bottlenecks(model):
-        out.append(f"MID: the classifier layer ({b.encoder.in_features} -> {b.classifier.out_features}) is a variational "
-                   f"bottleneck of {b.dim} dimensions; loss + {float(d.mid_beta):g} x KL (bits); eval mode uses its mean")
+        out.append(f"MID: the classifier layer ({b.encoder.in_features} -> {b.classifier.out_features}) is a "
+                   f"variational bottleneck of {b.dim} dimensions; loss + {float(d.mid_beta):g} x KL (bits); eval mode "
+                   "uses its mean; "
+                   f"clients train with {cfg.client.optimizer} at lr {float(cfg.client.lr):g} (compare with an "
+                   "undefended run at the same client.optimizer and client.lr)")
     if d.bido:
         out.append(f"BiDO: loss + {float(d.bido_lambda_x):g} x COCO(input, Z) - {float(d.bido_lambda_y):g} x "
                    f"COCO(Z, label) for the output Z of every activation layer (kernel width {float(d.bido_sigma):g})")
