@@ -7,8 +7,8 @@ global model of a real fl-sim run (Flower/Ray, FedAvg's CNN, 10 IID clients, ``-
 ``--local-epochs`` local epochs, ``--optimizer`` SGD at ``--lr`` 0.02 for every defense: MID's bottleneck
 does not train with SGD at the CNN's default 0.1, and the baseline is trained as the defended models are;
 ``--optimizer adam --lr 0.001`` is what ``defense=mid`` itself uses) in which every client trains with the
-defense. Then GMI and PLG-MI invert it through fl-sim's own model-inversion stage (``fl_sim.inversion``), and the evaluation
-classifier (trained on all 10 classes) scores them: attack accuracy (top-1), KNN distance.
+defense. Then GMI and PLG-MI invert it through fl-sim's own model-inversion stage (``fl_sim.inversion``),
+and the evaluation classifier (trained on all 10 classes) scores them: attack accuracy (top-1), KNN distance.
 
 Defenses and strengths (``DEFENSES``): none; MID at β 0.003 and 0.01 (Wang et al.'s range); BiDO-COCO at
 (λx, λy) = (0.5, 25) and (1, 50) (the paper's MNIST setting); label smoothing at α = −0.05 (Struppek et
