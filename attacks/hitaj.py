@@ -87,6 +87,22 @@ class Hitaj:
             x = self.generator.train()(z, y)  # batch statistics, as in training
         return x.clamp(0, 1).cpu(), y.cpu()
 
+    def state_dict(self) -> dict:
+        """What the attacker has learned so far (generator, its optimiser, the step count that seeds its draws),
+        so that a resumed run goes on exactly as an uninterrupted one."""
+        if self.generator is None:
+            return {"steps": self.steps}
+        return {"steps": self.steps, "optimizer": self.optimizer.state_dict(),
+                "generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()}}
+
+    def load_state_dict(self, state: dict, knowledge: Knowledge) -> None:
+        """Continue from ``state_dict()`` (the same architecture and classes)."""
+        self.steps = int(state["steps"])
+        if "generator" in state:
+            self._setup(knowledge)
+            self.generator.load_state_dict(state["generator"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
                     progress: Callable[[int, float], None] | None = None) -> Reconstruction:
         """One round of the attacker's GAN: train G against this round's model, then sample each target class."""

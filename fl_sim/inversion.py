@@ -231,7 +231,7 @@ class ParticipantAttack:
         self.judge_seconds = 0.0
         self.prior_seconds = 0.0
         hitaj = cfg.attack.name == "hitaj"
-        # hitaj's generator learns from round to round: one attack object (a resumed run starts a new one)
+        # hitaj's generator learns from round to round: one attack object, in the checkpoint (state / restore)
         self.persistent = attack_from_config(cfg.attack) if hitaj else None
         self.know = knowledge(cfg, ws)  # the same every round: the architecture, its own classes, public data
         self.injected = int(cfg.attack.injected) if hitaj else 0
@@ -285,6 +285,15 @@ class ParticipantAttack:
         x = (images.numpy() - data.mean[None, :, None, None]) / data.std[None, :, None, None]
         y = torch.full((len(images),), data.dataset_labels.index(self.fake), dtype=torch.int64)
         return torch.from_numpy(x.astype(np.float32)), y
+
+    def state(self) -> dict:
+        """For the checkpoint: what the attacker carries from round to round (hitaj's generator); {} if nothing."""
+        return {"attack": self.persistent.state_dict()} if self.persistent is not None else {}
+
+    def restore(self, state: dict) -> None:
+        """A resumed run: the attacker goes on from ``state()`` of the checkpointed round."""
+        if self.persistent is not None and state.get("attack"):
+            self.persistent.load_state_dict(state["attack"], self.know)
 
     def finish(self) -> None:
         """After the last round: the target's final test accuracy."""

@@ -53,6 +53,8 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         start = [resume_from["model"][k].numpy() for k in keys]
         checkpoint.restore_rng(rng, resume_from["rng"])
         offset = int(resume_from["round"])
+        if participant is not None:
+            participant.restore(resume_from["extra"].get("participant", {}))
         log.info("resuming after round %d", offset)
     attack = attack_from_config(cfg.attack) if cfg.attack.name in UPDATE_ATTACKS else None
     scratch = initial_model(cfg, ws.data) if attack is not None else None  # the attack's copy of the architecture
@@ -124,7 +126,8 @@ def server_main_secagg(cfg: DictConfig, grid: Grid, context: Context, recorder,
         if cfg.checkpoint:  # the aggregated model as the strategy holds it (a malicious rewrite is re-applied)
             checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
                             model={k: torch.from_numpy(np.array(v)) for k, v in zip(keys, ndarrays)}, rng=rng,
-                            recorder=recorder)
+                            recorder=recorder,
+                            extra={"participant": participant.state()} if participant is not None else None)
         return test_loss, {"accuracy": test_acc}
 
     strategy = ObservedFedAvg(initial=start, sample=sample, fit_config=lambda rnd: dict(train_config(cfg, rnd + offset)),

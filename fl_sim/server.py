@@ -151,6 +151,8 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
             ledger.restore(state.get("ledger", {}))
         if central is not None:
             central.rounds, central.per_round = list(state["central"]["rounds"]), list(state["central"]["per_round"])
+        if spy is not None:
+            spy.restore(resume_from["extra"].get("participant", {}))
         first = int(resume_from["round"]) + 1
         log.info("resuming after round %d", first - 1)
     recorder.started()
@@ -234,6 +236,7 @@ def server_main_federated(cfg: DictConfig, grid: Grid, recorder,
         if cfg.checkpoint:
             checkpoint.save(recorder.run_dir, server_round=rnd, config=OmegaConf.to_container(cfg, resolve=True),
                             model=arrays.to_torch_state_dict(), strategy=strategy, rng=rng, recorder=recorder,
+                            extra={"participant": spy.state()} if spy is not None else None,
                             state={"ledger": ledger.state() if ledger is not None else {},
                                    "central": {"rounds": central.rounds, "per_round": central.per_round}
                                    if central is not None else {}})

@@ -293,6 +293,38 @@ def test_hitaj_s_generator_learns_the_target_s_classes_and_keeps_learning_from_r
     assert attack.generator is g and attack.steps == 300  # the same generator, trained on
 
 
+def test_a_resumed_active_participant_goes_on_exactly_as_an_uninterrupted_one(compose, tmp_path):
+    """Hitaj's generator, its optimiser and its step count go into the round's checkpoint (through
+    ``checkpoint.save``/``load``, weights only): the attacker rebuilt from it in a resumed run attacks and
+    injects in the next round exactly as the one that was never interrupted."""
+    from fl_sim import checkpoint, inversion
+    from fl_sim.workspace import initial_model, workspace
+
+    cfg = _cfg(compose, tmp_path, "attack=hitaj", "partition=pathological", "partition.classes_per_client=2",
+               "attack.attacker_client=1", "attack.injected=3", "num_rounds=2")
+    ws = workspace(cfg, "server")
+    state = initial_model(cfg, ws.data).state_dict()
+    for d in ("whole", "resumed", "fresh", "ck"):
+        (tmp_path / d).mkdir()
+    whole = inversion.participant_attack(cfg, ws, FakeRecorder(tmp_path / "whole"))
+    whole.attack(1, state)
+    checkpoint.save(tmp_path / "ck", server_round=1, config={}, model=state, extra={"participant": whole.state()})
+    resumed = inversion.participant_attack(cfg, ws, FakeRecorder(tmp_path / "resumed"))
+    resumed.restore(checkpoint.load(tmp_path / "ck")["extra"]["participant"])
+    assert resumed.persistent.steps == whole.persistent.steps == 10
+    a, b = whole.attack(2, state), resumed.attack(2, state)
+    assert a["generator_steps"] == b["generator_steps"] == 20
+    assert (a["attack_accuracy"], a["knn_distance"]) == (b["attack_accuracy"], b["knn_distance"])
+    ga, gb = whole.persistent.generator.state_dict(), resumed.persistent.generator.state_dict()
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    (xa, ya), (xb, yb) = whole.injection(), resumed.injection()
+    assert torch.equal(xa, xb) and torch.equal(ya, yb) and len(ya) == 3 * len(a["target_classes"])
+    fresh = inversion.participant_attack(cfg, ws, FakeRecorder(tmp_path / "fresh"))  # what resume did before
+    fresh.attack(2, state)
+    gf = fresh.persistent.generator.state_dict()
+    assert any(not torch.equal(ga[k], gf[k]) for k in ga)
+
+
 @pytest.mark.usefixtures("task_identity")  # tests/conftest.py: Messages need one
 def test_the_active_participant_s_samples_change_what_it_uploads(compose, tmp_path):
     """The client trains on its own data plus the injected, fake-labelled samples: another update."""
