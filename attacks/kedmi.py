@@ -9,8 +9,8 @@ Two changes to GMI (``attacks.gmi``), both in the paper:
    labels* (cross-entropy to softmax(T(x))) besides real-versus-fake, so the GAN knows which public
    features the target associates with each private class. The generator is trained by feature
    matching on the discriminator's penultimate features plus an entropy term (weight 1e-4) that makes
-   the discriminator's reading of its images confident. Adam lr 2e-4, betas (0.5, 0.999), one
-   discriminator step per generator step.
+   the discriminator's reading of its images confident. Adam lr 2e-4, betas (0.5, 0.999), five
+   discriminator steps per generator step (``critic_steps``: ``n_critic`` 5 in the authors' code, as GMI's).
 2. **A distribution per class** (``reconstruct``): instead of single latents, a Gaussian N(μ_y, σ_y²) in
    latent space per target class, learned by the reparameterisation trick on
    ``L_prior + λ · CE(T(G(z)), y)`` with L_prior = −log P_D(real | G(z)), λ = 100, Adam lr 0.02, 1,500
@@ -50,6 +50,7 @@ class KEDMI(GANPrior):
     gan_batch_size: int = 64
     gan_lr: float = 2e-4
     entropy_weight: float = 1e-4
+    critic_steps: int = 5  # discriminator steps per generator step (gan_steps counts generator steps)
     seed: int = 0
     name: str = field(default="kedmi", init=False)
     generator: Generator | None = field(default=None, init=False, repr=False)
@@ -60,7 +61,7 @@ class KEDMI(GANPrior):
     def prior_key(self) -> dict:
         return {"prior": "kedmi_semi_supervised", "latent_dim": self.latent_dim, "width": self.width,
                 "steps": self.gan_steps, "batch_size": self.gan_batch_size, "lr": self.gan_lr,
-                "entropy_weight": self.entropy_weight, "seed": self.seed}
+                "entropy_weight": self.entropy_weight, "critic_steps": self.critic_steps, "seed": self.seed}
 
     def _networks(self, knowledge: Knowledge) -> None:
         torch.manual_seed(self.seed)
@@ -82,19 +83,20 @@ class KEDMI(GANPrior):
         n, b = len(real), min(self.gan_batch_size, len(real))
         loss_d = loss_g = torch.tensor(float("nan"))
         for step in range(self.gan_steps):
-            idx = torch.randint(n, (b,), generator=gen).to(dev)
-            xr, pr = real[idx], soft[idx]
-            z = torch.randn(b, self.latent_dim, generator=gen).to(dev)
-            with torch.no_grad():
-                xf = g(z)
-            out_r, out_f = d(xr), d(xf)
-            lse_r, lse_f = _real_logit(out_r), _real_logit(out_f)
-            supervised = -(pr * F.log_softmax(out_r, 1)).sum(1).mean()
-            unsupervised = 0.5 * (F.softplus(lse_r).mean() - lse_r.mean()) + 0.5 * F.softplus(lse_f).mean()
-            loss_d = supervised + unsupervised
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
+            for _ in range(max(1, self.critic_steps)):
+                idx = torch.randint(n, (b,), generator=gen).to(dev)
+                xr, pr = real[idx], soft[idx]
+                z = torch.randn(b, self.latent_dim, generator=gen).to(dev)
+                with torch.no_grad():
+                    xf = g(z)
+                out_r, out_f = d(xr), d(xf)
+                lse_r, lse_f = _real_logit(out_r), _real_logit(out_f)
+                supervised = -(pr * F.log_softmax(out_r, 1)).sum(1).mean()
+                unsupervised = 0.5 * (F.softplus(lse_r).mean() - lse_r.mean()) + 0.5 * F.softplus(lse_f).mean()
+                loss_d = supervised + unsupervised
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
             xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev))
             matching = (d.features(xf).mean(0) - d.features(xr).mean(0).detach()).abs().mean()
             p_fake = F.softmax(d(xf), 1)

@@ -53,7 +53,7 @@ def attack_from_config(a: DictConfig):
     if a.name == "kedmi":
         return make_attack("kedmi", iterations=a.iterations, lr=a.lr, lam=a.lam, samples=a.samples,
                            per_class=a.per_class, latent_dim=a.latent_dim, width=a.gan_width, gan_steps=a.gan_steps,
-                           gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr, seed=a.seed)
+                           gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr, critic_steps=a.critic_steps, seed=a.seed)
     if a.name == "plgmi":
         return make_attack("plgmi", iterations=a.iterations, lr=a.lr, restarts=a.restarts, per_class=a.per_class,
                            top_k=a.top_k, alpha=a.alpha, latent_dim=a.latent_dim, width=a.gan_width,

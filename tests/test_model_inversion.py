@@ -69,7 +69,7 @@ def test_gmi_with_its_gan_prior_beats_random_latents_of_the_same_generator(setti
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("kedmi", dict(iterations=200, per_class=4, width=16, gan_steps=300, gan_batch_size=32)),
+    ("kedmi", dict(iterations=200, per_class=4, width=16, gan_steps=100, gan_batch_size=32, critic_steps=3)),
     ("plgmi", dict(iterations=150, restarts=2, per_class=4, width=16, gan_steps=100, gan_batch_size=32, critic_steps=2)),
 ])
 def test_target_aware_gan_attacks_beat_random_latents_of_their_generator(setting, name, kwargs):
