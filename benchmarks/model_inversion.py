@@ -166,7 +166,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     p.add_argument("--append", action="store_true",
-                   help="add to the runs already in --out (seeds run in separate invocations; same seed: replaced)")
+                   help="add to the runs already in --out (seeds run in separate invocations; the same seed and "
+                        "attack: replaced, so --attacks kedmi re-runs KEDMI alone)")
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--local-epochs", type=int, default=2)
@@ -191,14 +192,19 @@ def main() -> None:
     results, targets, earlier = [], [], {"runs": [], "targets": [], "invocations": []}
     if args.append and Path(args.out).is_file():
         earlier = json.loads(Path(args.out).read_text())
+    args.annotations = earlier.get("annotations")  # notes added by hand to an earlier file stay
     mine = set(range(args.first_seed, args.first_seed + args.seeds))
 
     def save(final: bool) -> dict:
-        """Write every run so far (a killed benchmark keeps what it measured); the rows over all seeds."""
-        runs = [r for r in earlier["runs"] if r["seed"] not in mine] + results
-        tgts = [t for t in earlier["targets"] if t["seed"] not in mine] + targets
-        invocations = [i for i in earlier.get("invocations", []) if not set(i["seeds"]) & mine] + [
-            {"seeds": sorted(mine), "seconds": time.perf_counter() - t_start, "finished": final}]
+        """Write every run so far (a killed benchmark keeps what it measured); the rows over all seeds. With
+        ``--append``, this invocation's (seed, attack) runs replace the earlier ones; the others stay."""
+        runs = [r for r in earlier["runs"] if r["seed"] not in mine or r["attack"] not in attacks] + results
+        kept_bn = "deepinversion" not in attacks  # central-bn is trained for deepinversion only
+        tgts = [t for t in earlier["targets"] if t["seed"] not in mine or (kept_bn and t["target"] == "central-bn")]
+        tgts += targets
+        invocations = [i for i in earlier.get("invocations", [])
+                       if not set(i["seeds"]) & mine or not set(i.get("attacks", ATTACKS)) <= set(attacks)] + [
+            {"seeds": sorted(mine), "attacks": attacks, "seconds": time.perf_counter() - t_start, "finished": final}]
         total = sum(i["seconds"] for i in invocations)
         rows = aggregate(runs)
         write(args, rows, checks(rows, total), runs, tgts, invocations, total)
@@ -256,7 +262,7 @@ def write(args, rows: list[dict], verdict: dict, runs: list[dict], targets: list
                                "features; feature_fid = Frechet distance in those features (not Inception FID)",
                     "threads": torch.get_num_threads()},
         "rows": rows, "checks": verdict, "runs": runs, "targets": targets, "invocations": invocations,
-        "total_seconds": total}, indent=2))
+        "total_seconds": total, **({"annotations": args.annotations} if args.annotations else {})}, indent=2))
 
 
 if __name__ == "__main__":
