@@ -26,10 +26,12 @@ from fl_sim.validation import MALICIOUS_ATTACKS
 log = logging.getLogger("fl_sim")
 
 
-def loss_exploded(loss: float, num_classes: int) -> bool:
+def loss_exploded(loss: float, num_classes: int, cross_entropy: bool = True) -> bool:
     """A training loss that says the model diverged: non-finite, or above 4·ln(classes) (four times the
-    cross-entropy of a uniform guess; diverging runs measured here go from 11 to thousands)."""
-    return not math.isfinite(loss) or loss > 4 * math.log(max(num_classes, 2))
+    cross-entropy of a uniform guess; diverging runs measured here go from 11 to thousands). With
+    ``cross_entropy`` False (the loss adds a defense's term: MID's β·KL in bits, BiDO's dependencies, which
+    are not on that scale: MID's first round trains at 7-14 and converges), only a non-finite one."""
+    return not math.isfinite(loss) or (cross_entropy and loss > 4 * math.log(max(num_classes, 2)))
 
 
 def new_run_dir(parent: str | os.PathLike) -> Path:
@@ -112,8 +114,9 @@ class RunRecorder:
     def client_losses(self, rnd: int, losses: dict[int, float], num_classes: int) -> None:
         """One warning line per client, the first time its training loss is non-finite or explodes
         (``loss_exploded``), naming the likely cause; the warnings go into summary.json too."""
+        plain = not (self.cfg.defense.mid or self.cfg.defense.bido)  # their terms are not on the CE's scale
         for cid, loss in sorted(losses.items()):
-            if cid in self._warned_loss or not loss_exploded(loss, num_classes):
+            if cid in self._warned_loss or not loss_exploded(loss, num_classes, plain):
                 continue
             self._warned_loss.add(cid)
             lr = self.cfg.client.lr

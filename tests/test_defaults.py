@@ -91,3 +91,6 @@ def test_a_client_whose_loss_explodes_gets_one_warning_line_naming_the_learning_
     assert all("client.lr=0.05" in t and "model=convnet" in t for t in lines)
     assert loss_exploded(float("inf"), 2) and not loss_exploded(4 * math.log(100) - 0.01, 100)
     assert rec.finish("completed")["warnings"] == lines
+    mid = RunRecorder(compose(["defense=mid", "attack=none"]), tmp_path / "mid")  # loss = CE + β·KL (bits)
+    mid.client_losses(1, {0: 7.6, 1: 14.2, 2: float("nan")}, num_classes=5)  # MID's first rounds, measured
+    assert len(mid.warnings) == 1 and mid.warnings[0].startswith("client 2's training loss is nan")
