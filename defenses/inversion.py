@@ -8,8 +8,11 @@
   Information Regularization", AAAI 2021): a variational information bottleneck (Alemi et al., VIB)
   replaces the classifier's last layer: h ↦ (μ, σ) = encoder(h), z = μ + σ·ε, logits = classifier(z),
   and the loss adds β·KL(N(μ, σ²) ‖ N(0, I)), which bounds the mutual information between the input and
-  z. σ = softplus(s − 5) and the KL in bits, as the authors' code; in eval mode (the deployed model,
-  central evaluation, the attacker's copy) z = μ.
+  z. σ = softplus(s − 5) and the KL in bits, as the authors' code. In eval mode (the deployed model,
+  central evaluation, the attacker's copy) z is drawn too, as in the authors' code, whose deployed model
+  samples on every call (``sample_at_eval``; its noise is seeded by the bytes of the features it is given:
+  a fresh draw for every new input, e.g. each step of an attack, and the same for the same input, so that
+  runs and resumed runs are reproducible); ``sample_at_eval=False`` gives z = μ.
 - **BiDO** (Peng, Liu, Zhou, Yu, Lin, Chen, Zhang, "Bilateral Dependency Optimization: Defending
   Against Model-inversion Attacks", KDD 2022): for every hidden layer Z_j, the loss adds
   λx·dep(X, Z_j) − λy·dep(Z_j, Y): hidden features should depend little on the input and much on the
@@ -26,6 +29,7 @@ gives the same run.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -45,9 +49,10 @@ def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, alpha: float =
 class VariationalBottleneck(nn.Module):
     """MID's bottleneck in place of a classifier layer ``in_features -> num_classes``."""
 
-    def __init__(self, in_features: int, num_classes: int, dim: int):
+    def __init__(self, in_features: int, num_classes: int, dim: int, sample_at_eval: bool = False):
         super().__init__()
         self.dim = dim
+        self.sample_at_eval = sample_at_eval
         self.encoder = nn.Linear(in_features, 2 * dim)
         self.classifier = nn.Linear(dim, num_classes)
         self.generator: torch.Generator | None = None  # set by seed_bottlenecks for a training run
@@ -56,26 +61,31 @@ class VariationalBottleneck(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         stats = self.encoder(h)
         mu, std = stats[:, : self.dim], F.softplus(stats[:, self.dim:] - 5.0)
-        if not self.training:  # the deployed model: its mean, and no KL (nothing to regularise)
+        if not self.training:  # the deployed model: no KL (nothing to regularise); z drawn, or its mean
             self.kl = None
-            return self.classifier(mu)
+            if not self.sample_at_eval:
+                return self.classifier(mu)
+            digest = hashlib.blake2b(h.detach().cpu().numpy().tobytes(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            return self.classifier(mu + std * torch.randn(mu.shape, generator=gen).to(mu))
         self.kl = 0.5 * (mu ** 2 + std ** 2 - 2 * torch.log(std.clamp_min(1e-12)) - 1).sum(dim=1) / math.log(2)
         eps = torch.randn(mu.shape, generator=self.generator).to(mu) if self.generator is not None \
             else torch.randn_like(mu)
         return self.classifier(mu + std * eps)
 
 
-def add_bottleneck(model: nn.Module, dim: int = 0) -> nn.Module:
+def add_bottleneck(model: nn.Module, dim: int = 0, sample_at_eval: bool = False) -> nn.Module:
     """``model`` with its last fully connected layer (the classifier) replaced by a
     ``VariationalBottleneck`` of ``dim`` dimensions (0: half the layer's input width, as the authors'
-    code), in place; a ValueError when it has none."""
+    code; ``sample_at_eval``: the deployed model draws z, as theirs), in place; a ValueError when it has none."""
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not named:
         raise ValueError("defense=mid puts its bottleneck in place of the model's last nn.Linear; this model has none")
     name, last = named[-1]
     parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
     dim = dim or max(1, last.in_features // 2)
-    setattr(parent, name.rsplit(".", 1)[-1], VariationalBottleneck(last.in_features, last.out_features, dim))
+    setattr(parent, name.rsplit(".", 1)[-1],
+            VariationalBottleneck(last.in_features, last.out_features, dim, sample_at_eval))
     return model
 
 

@@ -179,6 +179,7 @@ class DefenseConfig:
     # mid (Wang et al., AAAI 2021) / label_smoothing (Struppek et al., ICLR 2024)
     mid_beta: float = 0.01  # weight of the bottleneck's KL (bits) in the loss
     mid_dim: int = 0  # bottleneck dimensions (0: half the classifier's input width, as the authors' code)
+    mid_eval: str = "sample"  # the deployed model draws z ~ N(mu, sigma^2) on every call (the authors' code) | mean
     smoothing: float = -0.05  # alpha: targets (1 - alpha) onehot + alpha / K; > 0 helps the attacker
     bido_lambda_x: float = 1.0  # bido (Peng et al., KDD 2022): weight of the input-feature dependency (lowered)
     bido_lambda_y: float = 50.0  # weight of the feature-label dependency (raised); (1, 50): their MNIST COCO

@@ -137,8 +137,8 @@ def defense_changes(cfg: DictConfig, model: torch.nn.Module) -> list[str]:
     d, out = cfg.defense, []
     for b in bottlenecks(model):
         out.append(f"MID: the classifier layer ({b.encoder.in_features} -> {b.classifier.out_features}) is a "
-                   f"variational bottleneck of {b.dim} dimensions; loss + {float(d.mid_beta):g} x KL (bits); eval mode "
-                   "uses its mean; "
+                   f"variational bottleneck of {b.dim} dimensions; loss + {float(d.mid_beta):g} x KL (bits); the "
+                   f"deployed model {'draws z on every call' if b.sample_at_eval else 'uses the mean of z'}; "
                    f"clients train with {cfg.client.optimizer} at lr {float(cfg.client.lr):g} (compare with an "
                    "undefended run at the same client.optimizer and client.lr)")
     if d.bido:

@@ -322,6 +322,8 @@ def validate_defense(cfg: Any) -> None:
     if "mid" in on:
         _need(d.mid_beta >= 0, f"defense.mid_beta must be >= 0 (got {d.mid_beta})")
         _need(d.mid_dim >= 0, f"defense.mid_dim must be >= 0 (got {d.mid_dim}); 0 takes half the classifier's input")
+        _need(d.mid_eval in ("sample", "mean"), f"defense.mid_eval must be sample or mean (got {d.mid_eval!r}): "
+                                                "whether the deployed model draws z or uses its mean")
     if "label_smoothing" in on:
         _need(-1 <= d.smoothing < 1, f"defense.smoothing must be in [-1, 1) (got {d.smoothing}); the paper's "
                                      "defense is about -0.05")

@@ -85,7 +85,7 @@ def initial_model(cfg: DictConfig, data: FederatedData) -> torch.nn.Module:
     if cfg.defense.dpsgd:  # every party uses the architecture Opacus can train (BatchNorm -> GroupNorm)
         model, _ = make_dp_compatible(model)
     if cfg.defense.mid:  # every party (the attacker too) holds the model with MID's bottleneck
-        add_bottleneck(model, int(cfg.defense.mid_dim))
+        add_bottleneck(model, int(cfg.defense.mid_dim), sample_at_eval=str(cfg.defense.mid_eval) == "sample")
     return wrap_model(cfg, model, data)
 
 

@@ -153,6 +153,7 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "smoothing_out_of_range": (TINY + ["defense=label_smoothing", "defense.smoothing=1.5"],
                                "defense.smoothing must be in [-1, 1)"),
     "mid_negative_beta": (TINY + ["defense=mid", "defense.mid_beta=-1"], "defense.mid_beta must be >= 0"),
+    "mid_eval_unknown": (TINY + ["defense=mid", "defense.mid_eval=median"], "defense.mid_eval must be sample or mean"),
     "mid_with_ghost_clipping": (TINY + ["defense=[dpsgd,mid]", "defense.grad_sample_mode=ghost"],
                                 "defense.grad_sample_mode=ghost computes Opacus' own cross-entropy"),
     "bido_with_dpsgd": (TINY + ["defense=[dpsgd,bido]"], "defense=bido's dependency term mixes the examples"),

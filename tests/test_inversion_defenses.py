@@ -71,6 +71,31 @@ def test_the_bottlenecks_kl_is_the_gaussians_in_bits_and_eval_mode_uses_the_mean
     torch.testing.assert_close(b(h), b(h))
 
 
+def test_the_deployed_bottleneck_draws_z_afresh_for_each_input_and_the_same_for_the_same_input():
+    """``sample_at_eval`` (the product's default, as the authors' code): eval mode draws z ~ N(μ, σ²) with noise
+    seeded by the input, so an attacker's every new query gets a fresh draw while a repeated one (a resumed
+    run's evaluation) gets the same answer; ``mean`` is the deterministic z = μ."""
+    torch.manual_seed(0)
+    b = VariationalBottleneck(6, 3, dim=4, sample_at_eval=True).eval()
+    with torch.no_grad():
+        b.encoder.bias[4:] = 5.0  # σ = softplus(0) ≈ 0.69: noise worth seeing
+    h = torch.randn(5, 6)
+    near = h + 1e-6
+    mean = b.classifier(b.encoder(h)[:, :4])
+    torch.testing.assert_close(b(h), b(h))  # the same input, the same draw
+    assert (b(h) - mean).abs().max() > 0.05  # a draw, not the mean
+    assert (b(near) - b(h)).abs().max() > 0.05  # a new input, a new draw (the mean moved by ~1e-6)
+    assert b.kl is None
+    b.sample_at_eval = False
+    torch.testing.assert_close(b(h), mean)
+    draws = torch.stack([VariationalBottleneck.forward(b.train(), h + 1e-4 * i) for i in range(200)]).detach()
+    b.eval().sample_at_eval = True
+    evals = torch.stack([b(h + 1e-4 * i) for i in range(200)]).detach()
+    # the deployed draws spread as training's do (same σ), around the same mean
+    torch.testing.assert_close(evals.std(0), draws.std(0), rtol=0.25, atol=0.02)
+    torch.testing.assert_close(evals.mean(0), mean.detach(), rtol=0, atol=0.15)
+
+
 def bits_through(model, x) -> float:
     """The bottleneck's mean KL (bits) on ``x``: training mode computes it, without gradients."""
     model.train()
@@ -172,6 +197,11 @@ def test_defense_mid_trains_fedavgs_cnn_with_its_defaults_where_the_cnns_sgd_doe
     assert (compose([]).client.optimizer, compose([]).client.lr) == ("sgd", 0.1)  # no defense: as before
     assert compose(["defense=[dpsgd,mid]"]).client.optimizer == "adam"  # stacked
     d = build_federated_data(cfg.dataset, cfg.partition, 10, 0)
+    from fl_sim.workspace import initial_model  # every party's model: the deployed one draws z (the authors')
+
+    assert [b.sample_at_eval for b in bottlenecks(initial_model(cfg, d))] == [True]
+    mean = compose(["attack=gmi", "defense=mid", "defense.mid_eval=mean"])
+    assert [b.sample_at_eval for b in bottlenecks(initial_model(mean, d))] == [False]
     x, y, xt, yt = (torch.as_tensor(a) for a in (d.x_train, d.y_train, d.x_test, d.y_test))
     x, y, xt, yt = x[y < 5], y[y < 5], xt[yt < 5], yt[yt < 5]  # the private classes
     accuracy = {}
