@@ -138,6 +138,9 @@ def prepare_prior(attack, know: Knowledge, state: dict[str, torch.Tensor], cfg: 
     parts = [attack.name, attack.prior_key(), know.input_shape, know.auxiliary_inputs]
     if attack.prior_uses_target:
         parts.append(state)
+        answers = [m.sample_at_eval for m in know.model.modules() if hasattr(m, "sample_at_eval")]
+        if answers:  # the same weights answer differently as MID's deployed model draws z or uses its mean
+            parts.append({"sample_at_eval": answers})
     key = cache.fingerprint(*parts)
     kind = f"{attack.name}-prior"
     saved = cache.load(kind, key, cfg.cache_dir)

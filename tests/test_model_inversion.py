@@ -468,3 +468,41 @@ def test_fl_sim_attack_gmi_inverts_the_final_global_model_of_a_federated_run(com
     report = (tmp_path / "run" / "report.md").read_text()
     assert "model inversion of the final model" in report and "inversion_gmi_class0.png" in report
     assert all((tmp_path / "run" / p).stat().st_size > 1000 for p in entry["pictures"])
+
+
+def test_a_target_aware_prior_is_cached_per_target_behaviour_not_only_its_weights(tmp_path):
+    """MID's deployed model answers differently when it draws z than with its mean, with the same weights:
+    a prior trained on its answers (KEDMI, PLG-MI) is not reused across the two."""
+    from omegaconf import OmegaConf
+
+    from defenses.inversion import add_bottleneck
+    from fl_sim.inversion import prepare_prior
+
+    class Stub:
+        name, prior_uses_target, gan_steps = "stub", True, 1
+        fits = 0
+
+        def prior_key(self):
+            return {"v": 1}
+
+        def fit_prior(self, know, target, progress=None):
+            Stub.fits += 1
+            return {}
+
+        def prior_state_dict(self):
+            return {"w": torch.zeros(1)}
+
+        def load_prior_state_dict(self, state, know):
+            pass
+
+    cfg = OmegaConf.create({"cache_dir": str(tmp_path)})
+    torch.manual_seed(0)
+    model = add_bottleneck(build_model("mlp", (1, 8, 8), 5, hidden=(16,)), sample_at_eval=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    know = Knowledge(model=model, input_shape=(1, 8, 8), num_classes=5, mean=(0.0,), std=(1.0,),
+                     auxiliary_inputs=torch.zeros(4, 1, 8, 8))
+    records = [prepare_prior(Stub(), know, state, cfg)]
+    records.append(prepare_prior(Stub(), know, state, cfg))  # the same target: cached
+    next(m for m in model.modules() if hasattr(m, "sample_at_eval")).sample_at_eval = False
+    records.append(prepare_prior(Stub(), know, state, cfg))  # the same weights, answering with the mean
+    assert [r["cached"] for r in records] == [False, True, False] and Stub.fits == 2
