@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
+from fl_sim import checkpoint
 from fl_sim.client import make_client_app
 from fl_sim.config import ConfigError, compose
 from fl_sim.protocol import ClientsMissing
@@ -48,6 +49,7 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
         prepare(cfg, recorder)
         server_main(cfg, grid, recorder, context)
         recorder.finish("completed")
+        (recorder.run_dir / checkpoint.FILE).unlink(missing_ok=True)  # a completed run needs none (as fl-sim's)
     except Exception as e:
         recorder.finish("failed", error=f"{type(e).__name__}: {e}")
         if isinstance(e, (ConfigError, ClientsMissing)):  # its one line says it all: none of our frames

@@ -176,6 +176,7 @@ def test_the_readmes_flwr_run_commands_work_with_a_fresh_home_and_a_mismatch_fai
         assert len(new) == 1, new
         s = json.loads((new[0] / "summary.json").read_text())
         assert s["status"] == "completed" and s["rounds"][-1]["clients"] == list(range(10))
+        assert not (new[0] / "checkpoint.pt").exists()  # a completed run keeps no checkpoint, as under fl-sim
         assert s["network"] == {"ray": "flwr run (Flower's simulation runtime)", "ray_auth": "token"}
         assert (home / ".flwr" / "config.toml").is_file()  # Flower made its configuration on this run
 
