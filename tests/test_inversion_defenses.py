@@ -206,12 +206,12 @@ def test_defense_mid_trains_fedavgs_cnn_with_its_defaults_where_the_cnns_sgd_doe
     x, y, xt, yt = x[y < 5], y[y < 5], xt[yt < 5], yt[yt < 5]  # the private classes
     accuracy = {}
     for optimizer, lr in (("adam", float(cfg.client.lr)), ("sgd", 0.1)):
-        torch.manual_seed(0)
-        model = add_bottleneck(build_model("cnn", tuple(x.shape[1:]), 5, hidden=(512,)))
+        model = initial_model(cfg, d)  # the run's own model, evaluated as deployed (z drawn)
         seed_bottlenecks(model, torch.Generator().manual_seed(1))
         local_train(model, x, y, epochs=1, batch_size=32, lr=lr, optimizer=optimizer,
                     generator=torch.Generator().manual_seed(0),
                     loss_fn=lambda m, out, t: inversion_defense_loss(m, out, t, beta=float(cfg.defense.mid_beta)))
+        seed_bottlenecks(model, None)
         accuracy[optimizer] = evaluate(model, xt, yt)[1]
     assert accuracy["adam"] > 0.9, accuracy
     assert accuracy["sgd"] < 0.5, accuracy
