@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attacks.base import Knowledge, ModelObservation, Reconstruction
+from attacks.base import Knowledge, ModelObservation, Reconstruction, autocast
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -40,6 +40,7 @@ class DeepInversion:
     tv: float = 2.5e-5
     l2: float = 0.0
     per_class: int = 5
+    precision: str = "float32"  # bfloat16: autocast the target's forward pass (attacks.base.autocast)
     seed: int = 0
     name: str = field(default="deepinversion", init=False)
 
@@ -52,7 +53,7 @@ class DeepInversion:
         stats: list[torch.Tensor] = []
 
         def match(module: nn.modules.batchnorm._BatchNorm, inputs, _output) -> None:
-            a = inputs[0]
+            a = inputs[0].float()  # the statistics in float32 whatever the forward pass's precision
             dims = [0] + list(range(2, a.dim()))
             mu, var = a.mean(dims), a.var(dims, unbiased=False)
             stats.append(torch.norm(mu - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
@@ -69,7 +70,9 @@ class DeepInversion:
         try:
             for it in range(self.iterations):
                 stats.clear()
-                loss = F.cross_entropy(target(x), y) + self.bn_weight * sum(stats) + self.tv * _tv_l2(x) \
+                with autocast(self.precision, knowledge.device):
+                    logits = target(x).float()
+                loss = F.cross_entropy(logits, y) + self.bn_weight * sum(stats) + self.tv * _tv_l2(x) \
                     + self.l2 * x.pow(2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

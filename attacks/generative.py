@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attacks.base import Knowledge
+from attacks.base import Knowledge, autocast
 
 
 def to_model(x01: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -118,6 +118,12 @@ class GANPrior:
         return g, d
 
 
+def precision_key(precision: str) -> dict:
+    """The prior cache key's part for the GAN's arithmetic: nothing for float32 (the keys of priors trained
+    before there was a choice stay valid), the precision otherwise."""
+    return {} if precision == "float32" else {"precision": precision}
+
+
 def _cpu(state: dict) -> dict:
     return {k: v.detach().cpu() for k, v in state.items()}
 
@@ -127,18 +133,19 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     """WGAN-GP's penalty: (||∇ D(x̂)||₂ − 1)² at random interpolates x̂ of real and fake images."""
     eps = torch.rand(len(real), 1, 1, 1, generator=generator).to(real.device)
     x = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    out = critic(x)
+    out = critic(x).float()
     grad, = torch.autograd.grad(out.sum(), x, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 def train_wgan_gp(generator: Generator, critic: Critic, real: torch.Tensor, *, steps: int, batch_size: int = 64,
                   lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), critic_steps: int = 5,
-                  penalty: float = 10.0, seed: int = 0,
+                  penalty: float = 10.0, seed: int = 0, precision: str = "float32",
                   progress: Callable[[int, float, float], None] | None = None) -> dict:
     """Train ``generator`` and ``critic`` as a WGAN-GP on ``real`` ([0, 1] images) for ``steps``
     generator steps (each after ``critic_steps`` critic steps); returns the last losses. The networks and
-    ``real`` are on one device; the random draws are made on the CPU (``seed``) and moved there."""
+    ``real`` are on one device; the random draws are made on the CPU (``seed``) and moved there.
+    ``precision``: the forward passes' arithmetic (``attacks.base.autocast``)."""
     device = real.device
     gen = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
@@ -151,14 +158,17 @@ def train_wgan_gp(generator: Generator, critic: Critic, real: torch.Tensor, *, s
         for _ in range(critic_steps):
             xr = real[torch.randint(n, (min(batch_size, n),), generator=gen).to(device)]
             z = torch.randn(len(xr), generator.latent_dim, generator=gen).to(device)
-            with torch.no_grad():
-                xf = generator(z)
-            loss_d = critic(xf).mean() - critic(xr).mean() + penalty * gradient_penalty(critic, xr, xf, gen)
+            with autocast(precision, device):
+                with torch.no_grad():
+                    xf = generator(z).float()
+                loss_d = critic(xf).float().mean() - critic(xr).float().mean() + \
+                    penalty * gradient_penalty(critic, xr, xf, gen)
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
         z = torch.randn(min(batch_size, n), generator.latent_dim, generator=gen).to(device)
-        loss_g = -critic(generator(z)).mean()
+        with autocast(precision, device):
+            loss_g = -critic(generator(z)).float().mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()

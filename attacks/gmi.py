@@ -28,9 +28,9 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import (Critic, GANPrior, Generator, auxiliary_images, best_of_restarts, class_batches, to_model,
-                                 train_wgan_gp)
+from attacks.base import Knowledge, ModelObservation, Reconstruction, autocast
+from attacks.generative import (Critic, GANPrior, Generator, auxiliary_images, best_of_restarts, class_batches,
+                                 precision_key, to_model, train_wgan_gp)
 
 REFERENCE_BATCH = 64  # latents per batch in the authors' attack code: the losses are means over it
 
@@ -51,6 +51,7 @@ class GMI(GANPrior):
     gan_lr: float = 2e-4
     critic_steps: int = 5
     gradient_penalty: float = 10.0
+    precision: str = "float32"  # bfloat16: autocast the forward passes (attacks.base.autocast)
     seed: int = 0
     name: str = field(default="gmi", init=False)
     generator: Generator | None = field(default=None, init=False, repr=False)
@@ -63,7 +64,7 @@ class GMI(GANPrior):
         """What the trained prior depends on (besides the auxiliary data): the cache key's parts."""
         return {"prior": "wgan_gp", "latent_dim": self.latent_dim, "width": self.width, "steps": self.gan_steps,
                 "batch_size": self.gan_batch_size, "lr": self.gan_lr, "critic_steps": self.critic_steps,
-                "gradient_penalty": self.gradient_penalty, "seed": self.seed}
+                "gradient_penalty": self.gradient_penalty, "seed": self.seed, **precision_key(self.precision)}
 
     def _networks(self, knowledge: Knowledge) -> None:
         torch.manual_seed(self.seed)
@@ -79,7 +80,7 @@ class GMI(GANPrior):
         self.discriminator.to(knowledge.device)
         return train_wgan_gp(self.generator, self.discriminator, real, steps=self.gan_steps, batch_size=self.gan_batch_size,
                              lr=self.gan_lr, critic_steps=self.critic_steps, penalty=self.gradient_penalty,
-                             seed=self.seed, progress=progress)
+                             seed=self.seed, precision=self.precision, progress=progress)
 
     # ------------------------------------------------------------------ the inversion
     def reconstruct(self, observation: ModelObservation, knowledge: Knowledge,
@@ -94,9 +95,10 @@ class GMI(GANPrior):
         opt = torch.optim.SGD([z], lr=self.lr, momentum=self.momentum, nesterov=True)
         identity = torch.zeros(len(y))
         for it in range(self.iterations):
-            x = g(z)
-            identity = F.cross_entropy(target(to_model(x, mean, std)), y, reduction="none")
-            loss = (-d(x) + self.lam * identity).sum() / REFERENCE_BATCH
+            with autocast(self.precision, knowledge.device):
+                x = g(z).float()
+                identity = F.cross_entropy(target(to_model(x, mean, std)).float(), y, reduction="none")
+                loss = (-d(x).float() + self.lam * identity).sum() / REFERENCE_BATCH
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from attacks.base import Knowledge, ModelObservation, Reconstruction
+from attacks.base import Knowledge, ModelObservation, Reconstruction, autocast
 from attacks.generative import Generator, to_model
 
 
@@ -41,6 +41,7 @@ class Hitaj:
     latent_dim: int = 100
     width: int = 32
     batch_size: int = 64
+    precision: str = "float32"  # bfloat16: autocast the forward passes (attacks.base.autocast)
     seed: int = 0
     name: str = field(default="hitaj", init=False)
     generator: Generator | None = field(default=None, init=False, repr=False)
@@ -67,7 +68,9 @@ class Hitaj:
         for it in range(self.iterations):
             y = classes[torch.randint(len(classes), (self.batch_size,), generator=gen).to(knowledge.device)]
             z = torch.randn(self.batch_size, self.latent_dim, generator=gen).to(knowledge.device)
-            loss = F.cross_entropy(target(to_model(g(z, y), mean, std)), y)
+            with autocast(self.precision, knowledge.device):
+                logits = target(to_model(g(z, y).float(), mean, std)).float()
+            loss = F.cross_entropy(logits, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

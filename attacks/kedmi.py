@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, GANPrior, Generator, auxiliary_images, to_model
+from attacks.base import Knowledge, ModelObservation, Reconstruction, autocast
+from attacks.generative import Critic, GANPrior, Generator, auxiliary_images, precision_key, to_model
 
 
 def _real_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,7 @@ class KEDMI(GANPrior):
     gan_lr: float = 2e-4
     entropy_weight: float = 1e-4
     critic_steps: int = 5  # discriminator steps per generator step (gan_steps counts generator steps)
+    precision: str = "float32"  # bfloat16: autocast the forward passes (attacks.base.autocast)
     seed: int = 0
     name: str = field(default="kedmi", init=False)
     generator: Generator | None = field(default=None, init=False, repr=False)
@@ -61,7 +62,8 @@ class KEDMI(GANPrior):
     def prior_key(self) -> dict:
         return {"prior": "kedmi_semi_supervised", "latent_dim": self.latent_dim, "width": self.width,
                 "steps": self.gan_steps, "batch_size": self.gan_batch_size, "lr": self.gan_lr,
-                "entropy_weight": self.entropy_weight, "critic_steps": self.critic_steps, "seed": self.seed}
+                "entropy_weight": self.entropy_weight, "critic_steps": self.critic_steps, "seed": self.seed,
+                **precision_key(self.precision)}
 
     def _networks(self, knowledge: Knowledge) -> None:
         torch.manual_seed(self.seed)
@@ -87,9 +89,10 @@ class KEDMI(GANPrior):
                 idx = torch.randint(n, (b,), generator=gen).to(dev)
                 xr, pr = real[idx], soft[idx]
                 z = torch.randn(b, self.latent_dim, generator=gen).to(dev)
-                with torch.no_grad():
-                    xf = g(z)
-                out_r, out_f = d(xr), d(xf)
+                with autocast(self.precision, dev):
+                    with torch.no_grad():
+                        xf = g(z).float()
+                    out_r, out_f = d(xr).float(), d(xf).float()
                 lse_r, lse_f = _real_logit(out_r), _real_logit(out_f)
                 supervised = -(pr * F.log_softmax(out_r, 1)).sum(1).mean()
                 unsupervised = 0.5 * (F.softplus(lse_r).mean() - lse_r.mean()) + 0.5 * F.softplus(lse_f).mean()
@@ -97,9 +100,11 @@ class KEDMI(GANPrior):
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
-            xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev))
-            matching = (d.features(xf).mean(0) - d.features(xr).mean(0).detach()).abs().mean()
-            p_fake = F.softmax(d(xf), 1)
+            with autocast(self.precision, dev):
+                xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev)).float()
+                f_fake, f_real, out_f = d.features(xf).float(), d.features(xr).float(), d(xf).float()
+            matching = (f_fake.mean(0) - f_real.mean(0).detach()).abs().mean()
+            p_fake = F.softmax(out_f, 1)
             entropy = -(p_fake * torch.log(p_fake + 1e-8)).sum(1).mean()
             loss_g = matching + self.entropy_weight * entropy
             opt_g.zero_grad(set_to_none=True)
@@ -127,10 +132,12 @@ class KEDMI(GANPrior):
         for it in range(self.iterations):
             eps = torch.randn(k, self.samples, self.latent_dim, generator=gen).to(knowledge.device)
             z = (mu[:, None] + torch.exp(0.5 * log_var)[:, None] * eps).reshape(-1, self.latent_dim)
-            x = g(z)
-            lse = _real_logit(d(x))
+            with autocast(self.precision, knowledge.device):
+                x = g(z).float()
+                lse = _real_logit(d(x).float())
+                logits = target(to_model(x, mean, std)).float()
             prior = F.softplus(lse) - lse  # −log P_D(real | x)
-            identity = F.cross_entropy(target(to_model(x, mean, std)), y, reduction="none")
+            identity = F.cross_entropy(logits, y, reduction="none")
             loss = (prior + self.lam * identity).view(k, self.samples).mean(1).sum()  # each class its own
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from attacks.base import Knowledge, ModelObservation, Reconstruction
+from attacks.base import Knowledge, ModelObservation, Reconstruction, autocast
 from attacks.generative import to_model
 
 
@@ -37,6 +37,7 @@ class MIFace:
     gamma: float = 0.99
     tv: float = 0.05
     per_class: int = 5
+    precision: str = "float32"  # bfloat16: autocast the target's forward pass (attacks.base.autocast)
     seed: int = 0
     name: str = field(default="mi_face", init=False)
 
@@ -54,7 +55,9 @@ class MIFace:
         active = torch.ones(len(y), dtype=torch.bool, device=x.device)
         it = 0
         for it in range(1, self.iterations + 1):
-            conf = F.softmax(target(to_model(x, mean, std)), dim=1).gather(1, y[:, None]).squeeze(1)
+            with autocast(self.precision, knowledge.device):
+                logits = target(to_model(x, mean, std)).float()
+            conf = F.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
             cost = 1 - conf + self.tv * total_variation(x)
             with torch.no_grad():
                 better = cost < best_cost

@@ -28,8 +28,9 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from attacks.base import Knowledge, ModelObservation, Reconstruction
-from attacks.generative import Critic, GANPrior, Generator, auxiliary_images, best_of_restarts, class_batches, to_model
+from attacks.base import Knowledge, ModelObservation, Reconstruction, autocast
+from attacks.generative import (Critic, GANPrior, Generator, auxiliary_images, best_of_restarts, class_batches,
+                                 precision_key, to_model)
 
 
 def max_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,7 @@ class PLGMI(GANPrior):
     gan_batch_size: int = 64
     gan_lr: float = 2e-4
     critic_steps: int = 5
+    precision: str = "float32"  # bfloat16: autocast the forward passes (attacks.base.autocast)
     seed: int = 0
     name: str = field(default="plgmi", init=False)
     generator: Generator | None = field(default=None, init=False, repr=False)
@@ -89,7 +91,7 @@ class PLGMI(GANPrior):
         return {"prior": "plgmi_conditional", "latent_dim": self.latent_dim, "width": self.width,
                 "steps": self.gan_steps, "batch_size": self.gan_batch_size, "lr": self.gan_lr,
                 "critic_steps": self.critic_steps, "top_k": self.top_k, "alpha": self.alpha, "seed": self.seed,
-                "augment": "crop-rotate-jitter"}
+                "augment": "crop-rotate-jitter", **precision_key(self.precision)}
 
     def _networks(self, knowledge: Knowledge) -> None:
         torch.manual_seed(self.seed)
@@ -126,16 +128,20 @@ class PLGMI(GANPrior):
             for _ in range(self.critic_steps):
                 idx = torch.randint(n, (b,), generator=gen).to(dev)
                 yf = torch.randint(k, (b,), generator=gen).to(dev)
-                with torch.no_grad():
-                    xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev), yf)
-                loss_d = F.relu(1 - d(real[idx], y[idx])).mean() + F.relu(1 + d(xf, yf)).mean()
+                with autocast(self.precision, dev):
+                    with torch.no_grad():
+                        xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev), yf).float()
+                    out_r, out_f = d(real[idx], y[idx]).float(), d(xf, yf).float()
+                loss_d = F.relu(1 - out_r).mean() + F.relu(1 + out_f).mean()
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
             yf = torch.randint(k, (b,), generator=gen).to(dev)
-            xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev), yf)
-            margin = max_margin(target(to_model(augment(xf, gen), mean, std)), yf)
-            loss_g = -d(xf, yf).mean() + self.alpha * margin.mean()
+            with autocast(self.precision, dev):
+                xf = g(torch.randn(b, self.latent_dim, generator=gen).to(dev), yf).float()
+                logits = target(to_model(augment(xf, gen), mean, std)).float()
+                critic = d(xf, yf).float()
+            loss_g = -critic.mean() + self.alpha * max_margin(logits, yf).mean()
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -156,8 +162,10 @@ class PLGMI(GANPrior):
         z = torch.randn(len(y), self.latent_dim, generator=gen).to(knowledge.device).requires_grad_(True)
         opt = torch.optim.Adam([z], lr=self.lr)
         for it in range(self.iterations):
-            x = g(z, y)
-            loss = sum(max_margin(target(to_model(augment(x, gen), mean, std)), y) for _ in range(self.views))
+            with autocast(self.precision, knowledge.device):
+                x = g(z, y).float()
+                loss = sum(max_margin(target(to_model(augment(x, gen), mean, std)).float(), y)
+                           for _ in range(self.views))
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()

@@ -44,27 +44,30 @@ def attack_from_config(a: DictConfig):
                            seed=a.seed)
     if a.name == "mi_face":
         return make_attack("mi_face", iterations=a.iterations, lr=a.lr, patience=a.patience, tv=a.tv,
-                           per_class=a.per_class, seed=a.seed)
+                           per_class=a.per_class, precision=a.precision, seed=a.seed)
     if a.name == "gmi":
         return make_attack("gmi", iterations=a.iterations, lr=a.lr, momentum=a.momentum, lam=a.lam,
                            restarts=a.restarts, per_class=a.per_class, latent_dim=a.latent_dim, width=a.gan_width,
                            gan_steps=a.gan_steps, gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr,
-                           critic_steps=a.critic_steps, gradient_penalty=a.gradient_penalty, seed=a.seed)
+                           critic_steps=a.critic_steps, gradient_penalty=a.gradient_penalty, precision=a.precision,
+                           seed=a.seed)
     if a.name == "kedmi":
         return make_attack("kedmi", iterations=a.iterations, lr=a.lr, lam=a.lam, samples=a.samples,
                            per_class=a.per_class, latent_dim=a.latent_dim, width=a.gan_width, gan_steps=a.gan_steps,
-                           gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr, critic_steps=a.critic_steps, seed=a.seed)
+                           gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr, critic_steps=a.critic_steps,
+                           precision=a.precision, seed=a.seed)
     if a.name == "plgmi":
         return make_attack("plgmi", iterations=a.iterations, lr=a.lr, restarts=a.restarts, per_class=a.per_class,
                            top_k=a.top_k, alpha=a.alpha, latent_dim=a.latent_dim, width=a.gan_width,
                            gan_steps=a.gan_steps, gan_batch_size=a.gan_batch_size, gan_lr=a.gan_lr,
-                           critic_steps=a.critic_steps, seed=a.seed)
+                           critic_steps=a.critic_steps, precision=a.precision, seed=a.seed)
     if a.name == "deepinversion":
         return make_attack("deepinversion", iterations=a.iterations, lr=a.lr, bn_weight=a.bn_weight, tv=a.tv,
-                           per_class=a.per_class, seed=a.seed)
+                           per_class=a.per_class, precision=a.precision, seed=a.seed)
     if a.name == "hitaj":
         return make_attack("hitaj", iterations=a.iterations, lr=a.lr, per_class=a.per_class, injected=a.injected,
-                           latent_dim=a.latent_dim, width=a.gan_width, batch_size=a.gan_batch_size, seed=a.seed)
+                           latent_dim=a.latent_dim, width=a.gan_width, batch_size=a.gan_batch_size,
+                           precision=a.precision, seed=a.seed)
     raise ValueError(f"attack={a.name} is not known")
 
 

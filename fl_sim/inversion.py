@@ -196,6 +196,7 @@ def invert(cfg: DictConfig, ws: Workspace, state: dict[str, torch.Tensor], *, se
                                      seconds=attack_seconds, run_dir=run_dir, tag=tag)
     entry["prior_seconds"], entry["prior_cached"] = prior["seconds"], prior["cached"]
     entry["device"] = str(know.device)  # the server process's (the prior trains there too)
+    entry["precision"] = attack.precision  # the forward passes' arithmetic (attack.precision), the prior's too
     return entry, prior, judge, judge_seconds
 
 

@@ -88,12 +88,14 @@ def model_inversion_section(summary: dict) -> list[str]:
            f"(`{mi['target']['model']}`, final test accuracy {_fmt(mi['target']['test_accuracy'])}); the attacker's "
            f"auxiliary data: {aux}.{holds}", ""]
     entries = [a for a in summary.get("attacks") or [] if a.get("observed") == "model"]
+    bf16 = (" Forward passes in bfloat16 (`attack.precision=bfloat16`: autocast; latents, images and losses in "
+            "float32)." if any(a.get("precision") == "bfloat16" for a in entries) else "")
     if judge is None:  # a participant never sampled in the attacked rounds
         return out + ["The attacker was not sampled in any attacked round: nothing was attacked.", ""]
     out += [f"Evaluation classifier (the evaluator's, never the attack's): {judge['architecture']}, trained on "
             f"{judge['trained_on']}, {judge['classes']} classes, test accuracy {_fmt(judge['test_accuracy'])}"
-            f"{' (cached)' if judge['cached'] else ''}." + (f" GAN prior: {trained}." if prior.get("prior") else ""),
-            ""]
+            f"{' (cached)' if judge['cached'] else ''}." + (f" GAN prior: {trained}." if prior.get("prior") else "")
+            + bf16, ""]
     if by_client:
         out += ["| round | model's test acc. | attack | classes | images | attack acc. | top-5 | KNN dist. | "
                 "feature FID | nearest PSNR | seconds |", "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -27,6 +27,7 @@ SPLIT_ATTACKS = ("rmle", "inverse_network", "unsplit", "fsha", "label_leakage") 
 # model inversion of the trained model (observed: model); hitaj: an active participant, every round
 MODEL_ATTACKS = ("mi_face", "gmi", "kedmi", "plgmi", "deepinversion", "hitaj")
 GAN_ATTACKS = ("gmi", "kedmi", "plgmi")  # model inversion with a GAN prior trained on the auxiliary data
+PRECISIONS = ("float32", "bfloat16")  # attack.precision: attacks.base.PRECISIONS (not imported: no torch here)
 MALICIOUS_ATTACKS = ("imprint", "fsha")  # the server changes what it sends (the model; the split gradients)
 UPDATE_ATTACKS = ("dlg", "idlg", "inverting_gradients", "analytic", "imprint")  # a client's update, or the aggregate
 SCENARIOS = ("federated", "split")
@@ -140,6 +141,10 @@ def validate(cfg: Any) -> None:
           "in (0, 1), e.g. 0.1")
     if cfg.attack.name in MODEL_ATTACKS:
         validate_model_inversion(cfg)
+    else:
+        _need(cfg.attack.precision == "float32",
+              f"attack.precision={cfg.attack.precision} is for the model-inversion attacks "
+              f"({', '.join(MODEL_ATTACKS)}); attack={cfg.attack.name} computes in float32: drop the override")
     bad = [c for c in cfg.attack.target_clients if not 0 <= c < cfg.num_clients]
     _need(not bad, f"attack.target_clients={list(cfg.attack.target_clients)}: {bad} are not clients "
                    f"(clients are 0..{cfg.num_clients - 1})")
@@ -279,6 +284,7 @@ def validate_model_inversion(cfg: Any) -> None:
           "attack.private_classes divides the classes (attack.auxiliary=disjoint_classes); with auxiliary=split "
           "every class is private")
     _need(a.per_class >= 1, f"attack.per_class must be at least 1 (got {a.per_class})")
+    _choice("attack.precision", a.precision, PRECISIONS)
     _need(a.lr > 0, f"attack.lr must be > 0 (got {a.lr})")
     _need(a.name != "mi_face" or a.patience >= 1, f"attack.patience must be at least 1 (got {a.patience})")
     if a.name in GAN_ATTACKS:

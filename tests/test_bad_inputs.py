@@ -243,6 +243,10 @@ CONFIG_CASES = {  # name: (overrides, fragment of the error line)
     "model_inversion_split_auxiliary_without_fraction": (TINY + ["attack=gmi", "attack.auxiliary=split"],
                                                          "set attack.auxiliary_fraction in (0, 1)"),
     "model_inversion_on_unknown": (TINY + ["attack=gmi", "attack.on=rounds"], "attack.on='rounds' is not known"),
+    "model_inversion_precision_unknown": (TINY + ["attack=gmi", "attack.precision=float16"],
+                                          "attack.precision='float16' is not known; choose one of float32, bfloat16"),
+    "precision_of_an_update_attack": (TINY + ["attack=dlg", "attack.precision=bfloat16"],
+                                      "attack.precision=bfloat16 is for the model-inversion attacks"),
     "model_inversion_zero_per_class": (TINY + ["attack=mi_face", "attack.per_class=0"],
                                        "attack.per_class must be at least 1"),
     # a participant attacker (attack.on=client)

@@ -85,6 +85,41 @@ def test_target_aware_gan_attacks_beat_random_latents_of_their_generator(setting
     assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
 
 
+def test_bfloat16_precision_computes_the_forward_passes_in_bfloat16_and_the_attack_still_works(setting):
+    """``precision="bfloat16"``: the target's convolutions (and the GAN's) run in bfloat16 under autocast, the
+    latents stay float32, the prior's cache key says so (a float32 key is as before), and GMI with its
+    bfloat16-trained prior still beats random latents of its generator by the float32 test's margin."""
+    gmi = make_attack("gmi", iterations=200, restarts=2, per_class=4, width=16, gan_steps=150, gan_batch_size=32,
+                      precision="bfloat16")
+    assert gmi.prior_key()["precision"] == "bfloat16"
+    assert "precision" not in make_attack("gmi").prior_key()
+    gmi.fit_prior(setting["know"])
+    critic_dtypes, target_dtypes = [], []
+    critic_hook = gmi.discriminator.body[0].register_forward_hook(lambda m, i, o: critic_dtypes.append(o.dtype))
+    # the attack copies the architecture in knowledge.model (frozen_model_at): the hook goes with the copy
+    target_hook = next(m for m in setting["know"].model.modules() if isinstance(m, nn.Conv2d)).register_forward_hook(
+        lambda m, i, o: target_dtypes.append(o.dtype))
+    try:
+        rec = gmi.reconstruct(observe(setting["target"]), setting["know"])
+    finally:
+        critic_hook.remove()
+        target_hook.remove()
+    # every step in bfloat16; the final pass that picks the best restart in float32
+    assert target_dtypes and set(target_dtypes[:-1]) == {torch.bfloat16} and target_dtypes[-1] == torch.float32
+    assert critic_dtypes and critic_dtypes[0] == torch.bfloat16
+    assert rec.inputs.dtype == torch.float32 and torch.isfinite(rec.inputs).all()
+    with torch.no_grad():
+        random_images = gmi.generator(torch.randn(20, gmi.latent_dim, generator=torch.Generator().manual_seed(3)))
+    assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
+
+
+def test_an_unknown_precision_is_refused_by_the_attack():
+    with pytest.raises(ValueError, match="precision='float16': one of float32, bfloat16"):
+        make_attack("mi_face", iterations=2, precision="float16").reconstruct(
+            ModelObservation(build_model("mlp", (1, 8, 8), 5, hidden=(8,)).state_dict()),
+            Knowledge(model=build_model("mlp", (1, 8, 8), 5, hidden=(8,)), input_shape=(1, 8, 8), num_classes=5))
+
+
 def test_plgmi_augmentations_are_drawn_per_image_and_stay_images():
     """PLG-MI's augmentations (crop, rotation, brightness/contrast): each image its own draw, in [0, 1],
     the same draws for the same seed; digits are never mirrored."""
