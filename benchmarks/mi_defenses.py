@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gan-steps", type=int, default=1000)
     p.add_argument("--gan-width", type=int, default=32)
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="attack.precision of both attacks, their GANs included (bfloat16: about 2x faster on CPUs "
+                   help="attack.precision of both attacks, their GANs included (bfloat16: 1.3-1.6x faster on CPUs "
                         "with AVX-512 BF16)")
     p.add_argument("--gmi-iterations", type=int, default=500)
     p.add_argument("--gmi-restarts", type=int, default=2)

@@ -176,7 +176,7 @@ def main() -> None:
     p.add_argument("--gan-steps", type=int, default=1000)
     p.add_argument("--gan-width", type=int, default=32)
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="attack.precision of every attack, the GANs' training included (bfloat16: autocast, about 2x "
+                   help="attack.precision of every attack, the GANs' training included (bfloat16: autocast, 1.3-1.6x "
                         "faster on CPUs with AVX-512 BF16); the targets train in float32 either way")
     p.add_argument("--cache-dir", default=None, help="default: a fresh folder (every GAN trained and timed)")
     p.add_argument("--defense", default="", help="fl-sim overrides every target trains with, e.g. "
