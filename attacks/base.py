@@ -30,10 +30,11 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
-    """The arithmetic of an attack's forward passes. ``float32``: exact, as the papers compute. ``bfloat16``:
-    PyTorch autocast, so that convolutions and matrix products run in bfloat16 (GMI: 1.3-1.6x measured
-    on a CPU with AVX-512 BF16; recent GPUs support it, not measured here) while the optimised latents or images, the optimisers'
-    state and the losses stay float32. No loss scaling is needed: bfloat16 has float32's range."""
+    """The arithmetic of an attack's forward passes. ``float32``: exact, as the papers compute.
+    ``bfloat16``: PyTorch autocast, so that convolutions and matrix products run in bfloat16 (GMI: 1.3-1.6x
+    measured on a CPU with AVX-512 BF16; recent GPUs support it, not measured here) while the optimised
+    latents or images, the optimisers' state and the losses stay float32. No loss scaling is needed:
+    bfloat16 has float32's range."""
     if precision == "float32":
         return contextlib.nullcontext()
     if precision == "bfloat16":
