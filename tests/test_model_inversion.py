@@ -113,6 +113,13 @@ def test_bfloat16_precision_computes_the_forward_passes_in_bfloat16_and_the_atta
     assert judge_accuracy(setting, rec.inputs, rec.labels) >= judge_accuracy(setting, random_images, rec.labels) + 0.2
 
 
+def test_the_config_check_knows_the_attacks_precisions():
+    """fl_sim.validation keeps its own copy (it imports no torch): the two lists must agree."""
+    from attacks.base import PRECISIONS
+    from fl_sim.validation import PRECISIONS as CHECKED
+    assert CHECKED == PRECISIONS
+
+
 def test_an_unknown_precision_is_refused_by_the_attack():
     with pytest.raises(ValueError, match="precision='float16': one of float32, bfloat16"):
         make_attack("mi_face", iterations=2, precision="float16").reconstruct(
