@@ -23,10 +23,13 @@ attack accuracies are lower than at the papers' budgets (``benchmarks/model_inve
 undefended). GMI's prior depends on the public data only and is trained once; PLG-MI's on each target.
 
     python benchmarks/mi_defenses.py --out benchmarks/results/mi_defenses.json [--seeds 2]
+    python benchmarks/mi_defenses.py --out FILE --first-seed 1 --seeds 1 --append   # one more seed
 
 JSON ``{"rows": [{defense, strength, epsilon, target_accuracy, attack, attack_accuracy,
-attack_accuracy_std, knn_distance, seeds}], "runs": [...], "setting": {...}}``; it is rewritten after
-every attack, so a stopped benchmark keeps what it measured.
+attack_accuracy_std, knn_distance, seeds}], "runs": [...], "setting": {...}, "invocations": [...]}``; it is
+rewritten after every attack, so a stopped benchmark keeps what it measured. ``--append`` adds this
+invocation's seeds to the runs already in ``--out`` (the same setting only; a (seed, defense) run again
+replaces the earlier one), so that seeds run apart add up to mean ± std; ``invocations`` keeps each one's time.
 """
 
 from __future__ import annotations
@@ -132,6 +135,36 @@ def rows_of(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _comparable(setting: dict) -> dict:
+    """A setting as compared by ``--append``: threads aside (they change the time, not the figures); files
+    written before ``--precision`` existed ran in float32, and before it the target read "SGD" for "sgd"."""
+    s = {k: v for k, v in setting.items() if k != "threads"}
+    s["target"] = s.get("target", "").lower()
+    s["attacks"] = {"precision": "float32", **s.get("attacks", {})}
+    return s
+
+
+def earlier_runs(path: Path, setting: dict) -> dict:
+    """The runs and invocations of an earlier ``--out``, which ``--append`` adds to; refused
+    unless it was measured in this setting (one line), so that no row averages two settings."""
+    try:
+        old = json.loads(path.read_text())
+        runs = old["runs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--append: {path} is not a mi_defenses.py result ({e}); write to another --out") from None
+    was, now = _comparable(old.get("setting", {})), _comparable(setting)
+    diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if diff:
+        raise SystemExit(f"--append: {path} was measured in another setting ({', '.join(diff)} differ: "
+                         f"{[was.get(k) for k in diff]} there, {[now.get(k) for k in diff]} here); "
+                         "use that file's settings or write to another --out")
+    # files from before invocations were recorded: one invocation, its total time
+    invocations = old.get("invocations") or [{"seeds": sorted({r["seed"] for r in runs}), "defenses": sorted(
+        {r["config"] for r in runs}, key=list(DEFENSES).index), "minutes": old.get("total_minutes"),
+        "finished": old.get("finished")}]
+    return {"runs": runs, "invocations": invocations}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -155,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plgmi-iterations", type=int, default=300)
     p.add_argument("--plgmi-restarts", type=int, default=2)
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "fl_sim_mi_defenses_cache"))
+    p.add_argument("--append", action="store_true",
+                   help="add to the runs already in --out (the same setting; seeds run in separate invocations; "
+                        "a (seed, defense) run again replaces the earlier one)")
     args = p.parse_args(argv)
     t_start, runs = time.perf_counter(), []
     setting = {"dataset": args.dataset, "private_classes": [0, 1, 2, 3, 4], "public_classes": [5, 6, 7, 8, 9],
@@ -169,15 +205,27 @@ def main(argv: list[str] | None = None) -> int:
                "metrics": "evaluation classifier trained on all 10 classes; attack accuracy top-1 among 10; "
                           "knn = squared L2 in its 128-d features", "threads": torch.get_num_threads()}
 
+    earlier = {"runs": [], "invocations": []}
+    if args.append and Path(args.out).is_file():
+        earlier = earlier_runs(Path(args.out), setting)
+    mine = set(range(args.first_seed, args.first_seed + args.seeds))
+
     def save(final: bool) -> None:
+        """Every run so far (a stopped benchmark keeps what it measured); with ``--append``, this invocation's
+        (seed, defense) runs replace the earlier ones and the others stay."""
+        kept = [r for r in earlier["runs"] if (r["seed"], r["config"]) not in {(x["seed"], x["config"]) for x in runs}]
+        invocations = earlier["invocations"] + [
+            {"seeds": sorted(mine), "defenses": args.defenses, "minutes": (time.perf_counter() - t_start) / 60,
+             "finished": final}]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"setting": setting, "rows": rows_of(runs), "runs": runs,
-                                              "total_minutes": (time.perf_counter() - t_start) / 60,
+        Path(args.out).write_text(json.dumps({"setting": setting, "rows": rows_of(kept + runs), "runs": kept + runs,
+                                              "invocations": invocations,
+                                              "total_minutes": sum(i["minutes"] or 0 for i in invocations),
                                               "finished": final}, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for seed in sorted(mine):
             for name in args.defenses:
                 tgt = target(args, seed, name, work)
                 for attack in ATTACKS:
@@ -192,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     save(final=True)
     print("| defense | strength | ε | target acc. | attack | attack acc. | KNN dist. | n |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
-    for r in rows_of(runs):
+    for r in json.loads(Path(args.out).read_text())["rows"]:
         sd = f" ± {r['attack_accuracy_std']:.2f}" if r["attack_accuracy_std"] is not None else ""
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         print(f"| {r['defense']} | {r['strength']} | {eps} | {r['target_accuracy']:.3f} | {r['attack']} | "
