@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     def save(final: bool) -> None:
         """Every run so far (a stopped benchmark keeps what it measured); with ``--append``, this invocation's
         (seed, defense) runs replace the earlier ones and the others stay."""
-        kept = [r for r in earlier["runs"] if (r["seed"], r["config"]) not in {(x["seed"], x["config"]) for x in runs}]
+        redone = {(r["seed"], r["config"]) for r in runs}
+        kept = [r for r in earlier["runs"] if (r["seed"], r["config"]) not in redone]
         invocations = earlier["invocations"] + [
             {"seeds": sorted(mine), "defenses": args.defenses, "minutes": (time.perf_counter() - t_start) / 60,
              "finished": final}]
