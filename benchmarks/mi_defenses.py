@@ -210,19 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         earlier = earlier_runs(Path(args.out), setting)
     mine = set(range(args.first_seed, args.first_seed + args.seeds))
 
-    def save(final: bool) -> None:
+    def save(final: bool) -> list[dict]:
         """Every run so far (a stopped benchmark keeps what it measured); with ``--append``, this invocation's
-        (seed, defense) runs replace the earlier ones and the others stay."""
+        (seed, defense) runs replace the earlier ones and the others stay. Returns the rows written."""
         redone = {(r["seed"], r["config"]) for r in runs}
         kept = [r for r in earlier["runs"] if (r["seed"], r["config"]) not in redone]
         invocations = earlier["invocations"] + [
             {"seeds": sorted(mine), "defenses": args.defenses, "minutes": (time.perf_counter() - t_start) / 60,
              "finished": final}]
+        rows = rows_of(kept + runs)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"setting": setting, "rows": rows_of(kept + runs), "runs": kept + runs,
+        Path(args.out).write_text(json.dumps({"setting": setting, "rows": rows, "runs": kept + runs,
                                               "invocations": invocations,
                                               "total_minutes": sum(i["minutes"] or 0 for i in invocations),
                                               "finished": final}, indent=1))
+        return rows
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -238,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"({r['attack_seconds']:.0f} s attack, {r['prior_seconds']:.0f} s prior, "
                           f"{r['target_seconds']:.0f} s target)", file=sys.stderr, flush=True)
                     save(final=False)
-    save(final=True)
+    rows = save(final=True)
     print("| defense | strength | ε | target acc. | attack | attack acc. | KNN dist. | n |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
-    for r in json.loads(Path(args.out).read_text())["rows"]:
+    for r in rows:
         sd = f" ± {r['attack_accuracy_std']:.2f}" if r["attack_accuracy_std"] is not None else ""
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         print(f"| {r['defense']} | {r['strength']} | {eps} | {r['target_accuracy']:.3f} | {r['attack']} | "
